@@ -1,0 +1,3 @@
+"""
+dtable: an encrypted, replicated table of JSON objects for Twisted.
+"""
