@@ -1,0 +1,120 @@
+"""
+The node's configuration: one frozen value with validation and the seed's
+defaults, built from DistributedTable's keyword arguments or twistd's options.
+
+Intervals are in seconds. The defaults are the production defaults of the
+original node-distributed-table (ping every 2 s, clean loop 5 s, 20 pings per
+window, better-primary wait 20 min, purge after 1 h, duplicate filter 5 min);
+tests shrink them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from dtable.peers import PeerAddress
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is out of range; str() names the option.
+    """
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{attribute.name} must be greater than 0, not {value!r}")
+
+
+def _not_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{attribute.name} must not be negative, not {value!r}")
+
+
+def _port(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not 0 <= value < 65536:
+        raise ConfigError(f"{attribute.name} must be 0-65535, not {value!r}")
+
+
+def _debug(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value not in (0, 1, 2, 3):
+        raise ConfigError(f"debug must be 0, 1, 2 or 3, not {value!r}")
+
+
+def _peers(value: Any) -> tuple[PeerAddress, ...]:
+    return tuple(
+        p if isinstance(p, PeerAddress) else PeerAddress.parse(str(p)) for p in value
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """
+    Everything a node is told; validated on construction.
+
+    @ivar port: the TCP port to listen on (0 picks a free one).
+    @ivar interface: the address to listen on; None listens on every address
+        of both families where the host has them.
+    @ivar peers: the initial peers.
+    @ivar master: whether this node publishes the table.
+    @ivar debug: the seed's debug level (0 none, 1 links, 2 peer selection and
+        the clean loop, 3 every frame).
+    """
+
+    port: int = attrs.field(default=9999, validator=_port)
+    interface: str | None = None
+    peers: tuple[PeerAddress, ...] = attrs.field(default=(), converter=_peers)
+    master: bool = False
+    debug: int = attrs.field(default=0, validator=_debug)
+
+    # Liveness and the overlay.
+    ping_interval: float = attrs.field(default=2.0, validator=_positive)
+    clean_interval: float = attrs.field(default=5.0, validator=_positive)
+    ping_window: int = attrs.field(default=20, validator=_positive)
+    better_primary_wait: float = attrs.field(default=1200.0, validator=_positive)
+    purge_after: float = attrs.field(default=3600.0, validator=_positive)
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    request_timeout: float = attrs.field(default=60.0, validator=_positive)
+    reconnect_initial_delay: float = attrs.field(default=1.0, validator=_positive)
+    reconnect_max_delay: float = attrs.field(default=60.0, validator=_positive)
+    failures_before_next_peer: int = attrs.field(default=3, validator=_positive)
+
+    # Messages.
+    message_ttl: float = attrs.field(default=300.0, validator=_positive)
+    message_filter_size: int = attrs.field(default=100_000, validator=_positive)
+
+    # Replication.
+    batch_window: float = attrs.field(default=0.0, validator=_not_negative)
+    batch_max_ops: int = attrs.field(default=10_000, validator=_positive)
+    master_sync_timeout: float = attrs.field(default=5.0, validator=_not_negative)
+    catch_up_retry: float = attrs.field(default=1.0, validator=_positive)
+    fetch_chunk: int = attrs.field(default=2_000, validator=_positive)
+
+    # Frames and buffers.
+    hello_max_frame: int = attrs.field(default=16 * 1024, validator=_positive)
+    max_frame: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.reconnect_max_delay < self.reconnect_initial_delay:
+            raise ConfigError(
+                "reconnect_max_delay must not be smaller than reconnect_initial_delay"
+            )
+        if self.max_frame < self.hello_max_frame:
+            raise ConfigError("max_frame must not be smaller than hello_max_frame")
+
+    @property
+    def dead_link_timeout(self) -> float:
+        """
+        A link that has said nothing for this long is dead.
+        """
+        return 2 * self.ping_interval
+
+
+#: The names of Config's fields that are intervals in seconds, in the order
+#: twistd lists them.
+INTERVALS = tuple(
+    f.name for f in attrs.fields(Config) if f.type in ("float", float)
+)

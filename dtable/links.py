@@ -1,0 +1,151 @@
+"""
+Dialling and accepting links: the ReconnectingClientFactory for outbound
+links, the per-peer service that owns its connector, and the server factory
+for inbound links.
+
+This module owns connection attempts and their back-off. It knows nothing of
+frames or tables: the protocols it builds report to the node (the hub).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ReconnectingClientFactory, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dtable.protocol import PeerProtocol
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IConnector, IReactorTime
+
+    from dtable.config import Config
+    from dtable.peers import PeerAddress
+    from dtable.protocol import ILinkHub
+
+log = Logger(namespace="dtable.links")
+
+
+class LinkServerFactory(ServerFactory):
+    """
+    Builds a L{PeerProtocol} for every inbound connection.
+    """
+
+    def __init__(self, hub: "ILinkHub", clock: "IReactorTime", config: "Config") -> None:
+        self.hub = hub
+        self.clock = clock
+        self.config = config
+
+    def buildProtocol(self, addr) -> PeerProtocol:
+        protocol = PeerProtocol(self.hub, self.clock, self.config, outbound=False)
+        protocol.factory = self
+        return protocol
+
+
+class LinkClientFactory(ReconnectingClientFactory):
+    """
+    Dials one peer again and again with growing back-off. The back-off is
+    reset only when the peer's hello is accepted, never when TCP or TLS
+    alone succeed, and never once shutdown began.
+    """
+
+    noisy = False
+
+    def __init__(self, owner: "PeerConnection") -> None:
+        self.owner = owner
+        self.clock = owner.clock
+        self.initialDelay = owner.config.reconnect_initial_delay
+        self.delay = self.initialDelay
+        self.maxDelay = owner.config.reconnect_max_delay
+
+    def buildProtocol(self, addr) -> PeerProtocol:
+        protocol = PeerProtocol(
+            self.owner.hub, self.clock, self.owner.config, outbound=True,
+            role=self.owner.role, address=self.owner.address,
+        )
+        protocol.factory = self
+        self.owner.connected(protocol)
+        return protocol
+
+    def hello_accepted(self) -> None:
+        if self.continueTrying:
+            self.resetDelay()
+
+    def clientConnectionFailed(self, connector: "IConnector", reason: Failure) -> None:
+        self.owner.attempt_failed(reason.getErrorMessage())
+        super().clientConnectionFailed(connector, reason)
+
+    def clientConnectionLost(self, connector: "IConnector", reason: Failure) -> None:
+        self.owner.disconnected(reason.getErrorMessage())
+        super().clientConnectionLost(connector, reason)
+
+
+class PeerConnection(Service):
+    """
+    Owns the outbound link to one address: its factory and connector.
+
+    @param connect: C{connect(address, factory)} starts dialling and returns
+        the connector (for example a wrapper around reactor.connectSSL).
+    @param on_failure: called with the address and a reason each time an
+        attempt fails before the peer's hello was accepted.
+    """
+
+    def __init__(self, hub: "ILinkHub", clock: "IReactorTime", config: "Config",
+                 address: "PeerAddress",
+                 connect: Callable[["PeerAddress", ReconnectingClientFactory], "IConnector"],
+                 on_failure: Callable[["PeerAddress", str], None],
+                 role: str = "link") -> None:
+        self.hub = hub
+        self.clock = clock
+        self.config = config
+        self.address = address
+        self.role = role
+        self.name = f"link to {address}"
+        self._connect = connect
+        self._on_failure = on_failure
+        self._factory: LinkClientFactory | None = None
+        self._connector: "IConnector | None" = None
+        self._protocol: PeerProtocol | None = None
+
+    @property
+    def protocol(self) -> PeerProtocol | None:
+        return self._protocol
+
+    def startService(self) -> None:
+        super().startService()
+        self._factory = LinkClientFactory(self)
+        self._connector = self._connect(self.address, self._factory)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self._factory is not None:
+            self._factory.stopTrying()
+        protocol, self._protocol = self._protocol, None
+        if self._connector is not None:
+            self._connector.disconnect()
+        if protocol is not None:
+            protocol.close("shutting down")
+            return protocol.when_lost()
+        return succeed(None)
+
+    def hello_accepted(self) -> None:
+        if self.running and self._factory is not None:
+            self._factory.hello_accepted()
+
+    # Reports from the factory ------------------------------------------------
+
+    def connected(self, protocol: PeerProtocol) -> None:
+        self._protocol = protocol
+
+    def attempt_failed(self, reason: str) -> None:
+        self._protocol = None
+        if self.running:
+            self._on_failure(self.address, reason)
+
+    def disconnected(self, reason: str) -> None:
+        protocol, self._protocol = self._protocol, None
+        if self.running and (protocol is None or protocol.hello is None):
+            self._on_failure(self.address, reason)

@@ -1,0 +1,341 @@
+"""
+Replication: the merge rule, signed heads, applying batches and installing a
+caught-up state, and the master's batch window.
+
+This layer owns how a node's table moves from one master-signed state to the
+next. It takes calls and returns results; it knows nothing of sockets or
+links. The service feeds it frames that arrived and sends what it returns.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import attrs
+from twisted.logger import Logger
+
+from dtable import crypto, wire
+from dtable.canonical import InvalidObjectError, canonical_bytes, hash_bytes
+from dtable.interfaces import IStore
+from dtable.table import Table, root_of
+from dtable.wire import Head
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+log = Logger(namespace="dtable.replication")
+
+
+class Decision(enum.Enum):
+    APPLY = "apply"
+    DUPLICATE = "duplicate"
+    GAP = "gap"
+
+
+def merge_rule(local_rev: int, head: Head) -> Decision:
+    """
+    The one rule for a batch that arrives: apply it if it starts where this
+    node is, drop it if this node is already there or further, and catch up
+    if it starts beyond this node.
+    """
+    if head.rev <= local_rev:
+        return Decision.DUPLICATE
+    if head.base == local_rev:
+        return Decision.APPLY
+    return Decision.GAP
+
+
+class BadHead(Exception):
+    """
+    A head's signature does not verify, or it names another master.
+    """
+
+
+class BatchRejected(Exception):
+    """
+    A batch could not be applied; the table is unchanged. C{reason} says why.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def head_signing_bytes(network_id: str, rev: int, base: int, root: str) -> bytes:
+    """
+    What the master signs: the network identity, the revision, the previous
+    revision and the table root after the batch.
+    """
+    return json.dumps(
+        ["dtable-head-v1", network_id, rev, base, root], separators=(",", ":")
+    ).encode("ascii")
+
+
+@attrs.frozen
+class HeadVerifier:
+    """
+    Checks that heads were signed by this network's master.
+    """
+
+    network_id: str
+    master_public: str
+
+    def check(self, head: Head) -> None:
+        """
+        @raise BadHead: if C{head} (above revision 0) was not signed by the
+            master key this node trusts.
+        """
+        if head.rev == 0:
+            return
+        if head.master != self.master_public:
+            raise BadHead(f"head {head.rev} is signed by another master key")
+        data = head_signing_bytes(self.network_id, head.rev, head.base, head.root)
+        if not crypto.verify(self.master_public, data, head.sig):
+            raise BadHead(f"head {head.rev} has a bad signature")
+
+
+class HeadSigner:
+    """
+    The master's signing key, bound to its network.
+    """
+
+    def __init__(self, network_id: str, key: "Ed25519PrivateKey") -> None:
+        self._network_id = network_id
+        self._key = key
+        self.public = crypto.public_key_hex(key)
+
+    def sign(self, rev: int, base: int, root: str) -> Head:
+        data = head_signing_bytes(self._network_id, rev, base, root)
+        return Head(
+            rev=rev, base=base, root=root, sig=crypto.sign(self._key, data),
+            master=self.public,
+        )
+
+
+@attrs.frozen
+class Change:
+    """
+    What one step did to the table: the objects that entered and left it.
+    """
+
+    head: Head
+    added: list[dict]
+    removed: list[dict]
+
+
+def _encode_adds(objects: Iterable[dict]) -> list[tuple[str, dict, bytes]]:
+    out = []
+    for obj in objects:
+        data = canonical_bytes(obj)
+        out.append((hash_bytes(data), obj, data))
+    return out
+
+
+class Replica:
+    """
+    A node's table, its store and its head, moved only to master-signed
+    states.
+    """
+
+    def __init__(self, table: Table, store: IStore, verifier: HeadVerifier) -> None:
+        self.table = table
+        self._store = store
+        self._verifier = verifier
+        self.head: Head = Head(rev=0, base=0, root=root_of([]))
+
+    def load(self) -> None:
+        """
+        Read the stored state into the table.
+
+        @raise ValueError: if the stored objects do not match the stored head.
+        """
+        from dtable.canonical import decode_object
+
+        head = self._store.head()
+        for h, data in self._store.items():
+            self.table.add(h, decode_object(data), data)
+        if self.table.root() != head.root:
+            raise ValueError(
+                f"stored table does not match its head at revision {head.rev}"
+            )
+        self.head = head
+
+    def verify(self, head: Head) -> None:
+        """
+        @raise BadHead: see L{HeadVerifier.check}.
+        """
+        self._verifier.check(head)
+
+    def decide(self, head: Head) -> Decision:
+        return merge_rule(self.head.rev, head)
+
+    def apply_batch(self, batch: wire.Batch) -> Change:
+        """
+        Apply a batch whose base is this node's revision.
+
+        @raise BadHead: if it is not signed by the master.
+        @raise BatchRejected: if it is malformed or the result does not have
+            the signed root; the table is unchanged.
+        """
+        head = batch.head
+        self._verifier.check(head)
+        if head.base != self.head.rev:
+            raise BatchRejected(
+                f"batch {head.rev} starts at {head.base}, this node is at "
+                f"{self.head.rev}"
+            )
+        try:
+            adds = _encode_adds(batch.adds)
+        except InvalidObjectError as e:
+            raise BatchRejected(f"batch {head.rev} holds an invalid object: {e}")
+        return self._step(head, adds, list(batch.removes))
+
+    def install(self, head: Head, objects: dict[str, tuple[dict, bytes]],
+                hashes: set[str]) -> Change:
+        """
+        Move to a state learnt from a peer: the set C{hashes} at C{head}.
+        C{objects} holds every object of the set this table lacks.
+
+        @raise BadHead: if C{head} is not signed by the master.
+        @raise BatchRejected: if the result would not have the signed root,
+            or C{head} is not newer than this node's; the table is unchanged.
+        """
+        self._verifier.check(head)
+        if head.rev <= self.head.rev:
+            raise BatchRejected(
+                f"state {head.rev} is not newer than this node's {self.head.rev}"
+            )
+        removes = [h for h in self.table if h not in hashes]
+        adds = []
+        for h in hashes:
+            if h not in self.table:
+                try:
+                    obj, data = objects[h]
+                except KeyError:
+                    raise BatchRejected(f"object {h} of state {head.rev} is missing")
+                adds.append((h, obj, data))
+        return self._step(head, adds, removes)
+
+    def publish(self, signer: HeadSigner, adds: list[tuple[str, dict, bytes]],
+                removes: list[str]) -> tuple[Change, bytes] | None:
+        """
+        The master's step: apply the ops that change the table, sign the new
+        head, store it and return the change with its batch frame. None if
+        nothing would change.
+        """
+        adds = [a for a in adds if a[0] not in self.table]
+        removes = [h for h in removes if h in self.table]
+        if not adds and not removes:
+            return None
+        added, removed = self.table.apply(adds, removes)
+        rev = self.head.rev + 1
+        head = signer.sign(rev, self.head.rev, self.table.root())
+        self._commit(head, adds, removes)
+        frame = wire.batch(head, [data for _, _, data in adds], removes)
+        return Change(head=head, added=added, removed=removed), frame
+
+    def _step(self, head: Head, adds: list[tuple[str, dict, bytes]],
+              removes: list[str]) -> Change:
+        added, removed = self.table.apply(adds, removes)
+        if self.table.root() != head.root:
+            # Undo: the table is left exactly as it was.
+            undo_adds = []
+            for obj in removed:
+                data = canonical_bytes(obj)
+                undo_adds.append((hash_bytes(data), obj, data))
+            self.table.apply(undo_adds, [hash_bytes(canonical_bytes(o)) for o in added])
+            raise BatchRejected(f"the table root after {head.rev} is not the signed one")
+        self._commit(head, adds, removes)
+        return Change(head=head, added=added, removed=removed)
+
+    def _commit(self, head: Head, adds: list[tuple[str, dict, bytes]],
+                removes: list[str]) -> None:
+        self._store.commit(head, [(h, data) for h, _, data in adds], removes)
+        self.head = head
+
+
+class BatchWindow:
+    """
+    The master's batch window: add and remove calls made within C{window}
+    seconds (by default, within one turn of the reactor) become one batch of
+    at most C{max_ops} ops; C{publish(adds, removes)} is called with them.
+
+    A later call on the same hash wins: add then remove of one object within
+    a window is a remove.
+    """
+
+    def __init__(self, clock: "IReactorTime", window: float, max_ops: int,
+                 publish: Callable[[list[tuple[str, dict, bytes]], list[str]], None]) -> None:
+        self._clock = clock
+        self._window = window
+        self._max_ops = max_ops
+        self._publish = publish
+        self._ops: dict[str, tuple[dict, bytes] | None] = {}
+        self._call: "IDelayedCall | None" = None
+        self._held = False
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def add(self, h: str, obj: dict, data: bytes) -> None:
+        self._ops.pop(h, None)
+        self._ops[h] = (obj, data)
+        self._schedule()
+
+    def remove(self, h: str) -> None:
+        self._ops.pop(h, None)
+        self._ops[h] = None
+        self._schedule()
+
+    def hold(self) -> None:
+        """
+        Collect ops without publishing until release() (the master is still
+        learning the network's newest state).
+        """
+        self._held = True
+        self._cancel()
+
+    def release(self) -> None:
+        self._held = False
+        if self._ops:
+            self._schedule()
+
+    def flush(self) -> None:
+        """
+        Publish what is pending now, in batches of at most max_ops.
+        """
+        self._cancel()
+        while self._ops and not self._held:
+            chunk = []
+            for h in self._ops:
+                chunk.append(h)
+                if len(chunk) >= self._max_ops:
+                    break
+            adds, removes = [], []
+            for h in chunk:
+                op = self._ops.pop(h)
+                if op is None:
+                    removes.append(h)
+                else:
+                    adds.append((h, op[0], op[1]))
+            self._publish(adds, removes)
+
+    def stop(self) -> None:
+        self._cancel()
+
+    def _schedule(self) -> None:
+        if self._call is None and not self._held:
+            self._call = self._clock.callLater(self._window, self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        self.flush()
+
+    def _cancel(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None

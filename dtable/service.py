@@ -1,0 +1,720 @@
+"""
+DistributedTable: a node of a dtable network, as a Twisted MultiService.
+
+The service composes the layers: it derives the node's TLS identity from the
+network key, loads the table from its store, listens for peers, keeps an
+outbound link, applies and forwards the master's batches, catches up from
+peers that are ahead, floods messages, and tells observers what changed. It
+is the hub the connections report to; the rules it follows live in
+L{dtable.replication}, L{dtable.broadcast} and L{dtable.peers}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dtable import crypto, wire
+from dtable._log import debug_channel
+from dtable.broadcast import DuplicateFilter, new_message_id
+from dtable.canonical import (
+    InvalidObjectError, canonical_bytes, hash_bytes, is_hash,
+)
+from dtable.config import Config
+from dtable.interfaces import IStore, ITableObserver
+from dtable.links import LinkServerFactory, PeerConnection
+from dtable.peers import PeerAddress, PeerDirectory
+from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed
+from dtable.replication import (
+    BadHead, BatchRejected, BatchWindow, Change, Decision, HeadSigner,
+    HeadVerifier, Replica,
+)
+from dtable.store import MemoryStore
+from dtable.table import Table, root_of
+from dtable.wire import Head, ProtocolViolation
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IListeningPort
+
+log = Logger(namespace="dtable")
+
+EVENTS = ("started", "object_added", "object_removed", "message_received", "error")
+
+
+class NotMasterError(Exception):
+    """
+    add_object or remove_object was called on a node that is not the master.
+    """
+
+
+@implementer(ITableObserver)
+class _CallbackObserver:
+    def __init__(self, event: str, callback: Callable[..., None]) -> None:
+        self._event = event
+        self._callback = callback
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name == self._event:
+            return self._callback
+        if name in EVENTS:
+            return lambda *args: None
+        raise AttributeError(name)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@implementer(ILinkHub)
+class DistributedTable(MultiService):
+    """
+    One node of a dtable network.
+
+    @param port: the TCP port to listen on; 0 picks a free one (see
+        L{when_listening}).
+    @param key: the network key, as text or bytes (see
+        L{dtable.crypto.parse_network_key}).
+    @param peers: initial peer addresses, C{"host:port"} or C{"[v6]:port"}.
+    @param master: whether this node publishes the table.
+    @param store: where the table is kept (an L{IStore}); by default in
+        memory.
+    @param reactor: the reactor to use; the global one by default.
+    @param options: any other field of L{dtable.config.Config}.
+
+    @raise dtable.crypto.WeakKeyError: if the key is missing or weak.
+    @raise dtable.config.ConfigError: if an option is out of range.
+    @raise dtable.peers.AddressError: if a peer address is malformed.
+    """
+
+    def __init__(self, port: int = 9999, key: str | bytes | None = None,
+                 peers: Iterable[str | PeerAddress] = (), master: bool = False, *,
+                 store: IStore | None = None, reactor: Any = None,
+                 config: Config | None = None, **options: Any) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+            reactor = global_reactor
+        if key is None:
+            raise crypto.WeakKeyError(
+                "a network key is required; make one with: python -m dtable keygen > net.key"
+            )
+        self._secret = crypto.parse_network_key(key)
+        if config is None:
+            config = Config(port=port, peers=tuple(peers), master=master, **options)
+        self.config = config
+        self.reactor = reactor
+        self.node_id = crypto.new_node_id()
+        self.name = f"dtable node {self.node_id[:8]}"
+        self._store = store if store is not None else MemoryStore()
+        self.table = Table()
+        self.directory = PeerDirectory(config.peers)
+        self.messages = DuplicateFilter(reactor, config.message_ttl,
+                                        config.message_filter_size)
+        self._observers: list[Any] = []
+        self._links: list[PeerProtocol] = []
+        self._peer_heads: dict[PeerProtocol, Head] = {}
+        self._ports: list["IListeningPort"] = []
+        self._listening_waiters: list[Deferred] = []
+        self._started_waiters: list[Deferred] = []
+        self._primary: PeerConnection | None = None
+        self._primary_failures = 0
+        self._primary_rotation: Deferred | None = None
+        self._replica: Replica | None = None
+        self._signer: HeadSigner | None = None
+        self._window: BatchWindow | None = None
+        self._tls: Any = None
+        self._catching_up = False
+        self._catch_up_call: "IDelayedCall | None" = None
+        self._master_sync_call: "IDelayedCall | None" = None
+        self._master_ready = not config.master
+        self._startup: Deferred | None = None
+        self._stopping = False
+        self._is_started = False
+        self._links_log = debug_channel("dtable.links", 1, config.debug)
+        self._overlay_log = debug_channel("dtable.overlay", 2, config.debug)
+
+    # Observers --------------------------------------------------------------
+
+    def subscribe(self, observer: Any) -> Callable[[], None]:
+        """
+        Deliver events to C{observer}, an L{ITableObserver}. Returns a
+        function that unsubscribes it.
+        """
+        if not ITableObserver.providedBy(observer):
+            raise TypeError("observer must provide ITableObserver "
+                            "(subclass dtable.TableObserver)")
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    def on(self, event: str, callback: Callable[..., None]) -> Callable[[], None]:
+        """
+        Call C{callback} with the arguments of every C{event} (one of
+        started, object_added, object_removed, message_received, error).
+        Returns a function that unsubscribes it.
+        """
+        if event not in EVENTS:
+            raise ValueError(f"unknown event {event!r}; events are {', '.join(EVENTS)}")
+        return self.subscribe(_CallbackObserver(event, callback))
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for observer in list(self._observers):
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                log.failure("observer {observer!r} failed on {event}",
+                            observer=observer, event=event)
+
+    def _report(self, error_string: str, origin: str, obj: Any = None) -> None:
+        log.error("{origin}: {error}", origin=origin, error=error_string)
+        self._emit("error", error_string, origin, obj)
+
+    def _emit_change(self, change: Change) -> None:
+        for obj in change.removed:
+            self._emit("object_removed", obj)
+        for obj in change.added:
+            self._emit("object_added", obj)
+
+    # Reading the table ----------------------------------------------------------
+
+    def objects(self) -> list[dict]:
+        """
+        Every object in the table.
+        """
+        return self.table.objects()
+
+    def get(self, h: str) -> dict | None:
+        """
+        The object with hash C{h}, or None.
+        """
+        return self.table.get(h)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __contains__(self, item: Any) -> bool:
+        if isinstance(item, dict):
+            try:
+                item = hash_bytes(canonical_bytes(item))
+            except InvalidObjectError:
+                return False
+        return item in self.table
+
+    def __bool__(self) -> bool:
+        return True
+
+    @property
+    def head(self) -> Head:
+        """
+        The signed state this node holds.
+        """
+        return self._replica.head if self._replica is not None else Head(
+            rev=0, base=0, root=root_of([]))
+
+    @property
+    def links(self) -> list[PeerProtocol]:
+        """
+        The live links, in the order they came up.
+        """
+        return [link for link in self._links if link.is_live]
+
+    # Changing the table (master) and messages --------------------------------
+
+    def add_object(self, obj: dict) -> str:
+        """
+        Add C{obj} to the table (master only). It is published with the other
+        calls of this batch window. Adding an object that is present changes
+        nothing.
+
+        @return: the object's hash.
+        @raise NotMasterError: on a node that is not the master.
+        @raise dtable.canonical.InvalidObjectError: if C{obj} is not a JSON
+            object.
+        """
+        self._require_master("add_object", obj)
+        data = canonical_bytes(obj)
+        h = hash_bytes(data)
+        self._require_running("add_object")
+        self._window.add(h, obj, data)
+        return h
+
+    def remove_object(self, obj_or_hash: dict | str) -> str:
+        """
+        Remove an object, given as itself or its hash (master only).
+        Removing an absent object changes nothing.
+
+        @return: the object's hash.
+        @raise NotMasterError: on a node that is not the master.
+        """
+        self._require_master("remove_object", obj_or_hash)
+        if isinstance(obj_or_hash, str):
+            if not is_hash(obj_or_hash):
+                raise ValueError(f"{obj_or_hash!r} is not an object hash")
+            h = obj_or_hash
+        else:
+            h = hash_bytes(canonical_bytes(obj_or_hash))
+        self._require_running("remove_object")
+        self._window.remove(h)
+        return h
+
+    def send_message(self, body: Any) -> str:
+        """
+        Flood C{body} (any JSON value) to every node that is online; each
+        receives it once, as message_received. It is not stored.
+
+        @return: the message id.
+        @raise dtable.canonical.InvalidObjectError: if C{body} is not JSON.
+        """
+        message_id = new_message_id()
+        try:
+            frame = wire.message(message_id, self.node_id, body)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise InvalidObjectError(f"message is not JSON: {e}") from None
+        self.messages.first_sight(message_id)
+        self._flood(frame, None)
+        return message_id
+
+    def flush(self) -> None:
+        """
+        Publish the pending batch now rather than at the end of its window.
+        """
+        if self._window is not None:
+            self._window.flush()
+
+    def add_peer(self, address: str | PeerAddress) -> None:
+        """
+        Learn another peer address to dial.
+        """
+        if not isinstance(address, PeerAddress):
+            address = PeerAddress.parse(address)
+        if self.directory.add(address, initial=True) and self.running:
+            if self._primary is None and not self._stopping:
+                self._dial_next()
+
+    def _require_master(self, call: str, obj: Any) -> None:
+        if not self.config.master:
+            message = f"{call} is only allowed on the master; this node is not the master"
+            self._emit("error", message, call, obj)
+            raise NotMasterError(message)
+
+    def _require_running(self, call: str) -> None:
+        if self._window is None:
+            raise RuntimeError(f"{call}: the node is not started (call startService)")
+
+    # Lifecycle --------------------------------------------------------------
+
+    def when_listening(self) -> Deferred:
+        """
+        A fresh Deferred that fires with the port number once the node
+        listens.
+        """
+        if self._ports:
+            return succeed(self.listening_port)
+        d: Deferred = Deferred()
+        self._listening_waiters.append(d)
+        return d
+
+    def when_started(self) -> Deferred:
+        """
+        A fresh Deferred that fires with this node once it has loaded its
+        table, listens and has sent started to observers.
+        """
+        if self._is_started:
+            return succeed(self)
+        d: Deferred = Deferred()
+        self._started_waiters.append(d)
+        return d
+
+    @property
+    def listening_port(self) -> int:
+        return self._ports[0].getHost().port
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._startup = Deferred.fromCoroutine(self._start())
+        self._startup.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Any) -> None:
+        log.failure("node {node_id} failed to start", failure, node_id=self.node_id)
+        waiters = self._listening_waiters + self._started_waiters
+        self._listening_waiters, self._started_waiters = [], []
+        for d in waiters:
+            d.errback(failure)
+
+    async def _start(self) -> None:
+        network = crypto.derive_network(self._secret)
+        identity = crypto.issue_node_certificate(network, self.node_id)
+        self._tls = crypto.tls_options(network, identity)
+        self._signer = HeadSigner(network.network_id, network.master_key)
+        verifier = HeadVerifier(network.network_id, self._signer.public)
+        self._store.open()
+        self._replica = Replica(self.table, self._store, verifier)
+        self._replica.load()
+        self._window = BatchWindow(self.reactor, self.config.batch_window,
+                                   self.config.batch_max_ops, self._publish)
+        await self._listen()
+        if self._stopping:
+            return
+        log.info("node {node_id} listening on port {port} at revision {rev}",
+                 node_id=self.node_id, port=self.listening_port,
+                 rev=self.head.rev)
+        for d in self._take(self._listening_waiters):
+            d.callback(self.listening_port)
+        if self.config.master:
+            self._hold_until_synced()
+        self._dial_next()
+        self._is_started = True
+        self._emit("started")
+        for obj in self.table.objects():
+            self._emit("object_added", obj)
+        for d in self._take(self._started_waiters):
+            d.callback(self)
+
+    @staticmethod
+    def _take(waiters: list[Deferred]) -> list[Deferred]:
+        taken = list(waiters)
+        waiters.clear()
+        return taken
+
+    async def _listen(self) -> None:
+        factory = LinkServerFactory(self, self.reactor, self.config)
+        interfaces = ([self.config.interface] if self.config.interface is not None
+                      else ["::", "0.0.0.0"])
+        port = self.config.port
+        errors = []
+        for interface in interfaces:
+            endpoint = SSL4ServerEndpoint(self.reactor, port, self._tls,
+                                          interface=interface)
+            try:
+                listening = await endpoint.listen(factory)
+            except CannotListenError as e:
+                errors.append(e)
+                continue
+            self._ports.append(listening)
+            # Every family listens on the same port as the first.
+            port = listening.getHost().port
+        if not self._ports:
+            raise errors[0]
+
+    def stopService(self) -> Deferred:
+        """
+        Stop dialling and listening, close every link and, once all are
+        gone and every timer is cancelled, close the store.
+        """
+        self._stopping = True
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._startup is not None and not self._startup.called:
+            await self._startup
+        if self._window is not None:
+            if self._master_ready:
+                self._window.flush()
+            self._window.stop()
+        for call in (self._catch_up_call, self._master_sync_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._catch_up_call = self._master_sync_call = None
+        if self._primary_rotation is not None:
+            await self._primary_rotation
+        await super().stopService()
+        self._primary = None
+        ports, self._ports = self._ports, []
+        await DeferredList([port.stopListening() for port in ports])
+        lost = [link.when_lost() for link in list(self._links)]
+        for link in list(self._links):
+            link.close("node shutting down")
+        await DeferredList(lost)
+        self._is_started = False
+        self._store.close()
+
+    # Outbound links -----------------------------------------------------------
+
+    def _connect(self, address: PeerAddress, factory: Any) -> Any:
+        return self.reactor.connectSSL(address.host, address.port, factory, self._tls,
+                                       timeout=self.config.connect_timeout)
+
+    def _dial_next(self) -> None:
+        address = self.directory.next_primary()
+        if address is None:
+            self._overlay_log.debug("no peer to dial")
+            return
+        self._primary_failures = 0
+        connection = PeerConnection(self, self.reactor, self.config, address,
+                                    self._connect, self._primary_failed)
+        self._primary = connection
+        self._overlay_log.debug("dialling {address} for the primary link",
+                                address=address)
+        connection.setServiceParent(self)
+
+    def _primary_failed(self, address: PeerAddress, reason: str) -> None:
+        self.directory.record_failure(address)
+        self._primary_failures += 1
+        self._links_log.debug("link to {address} failed: {reason}",
+                              address=address, reason=reason)
+        if self._primary_failures >= self.config.failures_before_next_peer:
+            self._rotate_primary()
+
+    def _rotate_primary(self) -> None:
+        """
+        Give up the current primary address and dial the next one.
+        """
+        if self._stopping or self._primary is None or self._primary_rotation is not None:
+            return
+        current = self._primary
+        if len(self.directory.addresses()) <= 1 and not self.directory.is_self(current.address):
+            # Only one address to try: keep backing off on it.
+            self._primary_failures = 0
+            return
+        self._primary = None
+
+        async def rotate() -> None:
+            try:
+                await current.disownServiceParent()
+            finally:
+                self._primary_rotation = None
+            if not self._stopping:
+                self._dial_next()
+
+        self._primary_rotation = Deferred.fromCoroutine(rotate())
+
+    # ILinkHub -----------------------------------------------------------------
+
+    def local_hello(self, role: str) -> bytes:
+        return wire.hello(self.node_id, self.listening_port if self._ports else 0,
+                          role, self.config.master, self.head)
+
+    def link_up(self, link: PeerProtocol) -> str | None:
+        hello = link.hello
+        if hello.node_id == self.node_id:
+            if link.outbound and link.address is not None:
+                log.info("{address} is this node itself; not dialling it again",
+                         address=link.address)
+                self.directory.mark_self(link.address)
+                self._rotate_primary()
+            return "connected to itself"
+        try:
+            self._replica.verify(hello.head)
+        except BadHead as e:
+            link.drop(f"hello carries a bad head: {e}")
+            return None
+        if hello.master and self.config.master:
+            self._report(
+                f"two masters on one network: node {hello.node_id} also claims "
+                "to be the master", hello.node_id)
+        if link.outbound and link.address is not None:
+            self.directory.record_success(link.address, hello.node_id)
+            if self._primary is not None and self._primary.address == link.address:
+                self._primary_failures = 0
+                self._primary.hello_accepted()
+        self._links.append(link)
+        self._peer_heads[link] = hello.head
+        self._links_log.debug(
+            "link up with {peer_id}: its revision {rev}, ours {our_rev}",
+            peer_id=hello.node_id, rev=hello.head.rev, our_rev=self.head.rev)
+        if not self._master_ready and hello.head.rev <= self.head.rev:
+            self._release_master("a peer is not ahead of it")
+        self._maybe_catch_up()
+        return None
+
+    def link_down(self, link: PeerProtocol, reason: str) -> None:
+        if link in self._links:
+            self._links.remove(link)
+            self._peer_heads.pop(link, None)
+            self._links_log.debug("link down with {peer_id}: {reason}",
+                                  peer_id=link.node_id, reason=reason)
+
+    def violation(self, link: PeerProtocol, reason: str) -> None:
+        # The firewall will count these; for now the log says it.
+        pass
+
+    def frame_received(self, link: PeerProtocol, message: Any, frame: bytes) -> None:
+        if isinstance(message, wire.Batch):
+            self._batch_received(link, message, frame)
+        elif isinstance(message, wire.Message):
+            self._message_received(link, message, frame)
+        elif isinstance(message, wire.HeadAnnouncement):
+            self._note_head(link, message.head)
+            self._maybe_catch_up()
+        elif isinstance(message, wire.StateRequest):
+            self._serve_state(link, message)
+        elif isinstance(message, wire.Fetch):
+            self._serve_fetch(link, message)
+        else:
+            raise ProtocolViolation(f"unexpected {type(message).__name__}")
+
+    # Replication --------------------------------------------------------------
+
+    def _note_head(self, link: PeerProtocol, head: Head) -> None:
+        try:
+            self._replica.verify(head)
+        except BadHead as e:
+            raise ProtocolViolation(str(e))
+        known = self._peer_heads.get(link)
+        if link in self._peer_heads and (known is None or head.rev > known.rev):
+            self._peer_heads[link] = head
+
+    def _batch_received(self, link: PeerProtocol, batch: wire.Batch, frame: bytes) -> None:
+        self._note_head(link, batch.head)
+        decision = self._replica.decide(batch.head)
+        if decision is Decision.DUPLICATE:
+            return
+        if decision is Decision.GAP or self._catching_up:
+            self._maybe_catch_up()
+            return
+        try:
+            change = self._replica.apply_batch(batch)
+        except BatchRejected as e:
+            self._report(f"batch {batch.head.rev} rejected: {e.reason}", link.node_id)
+            self._maybe_catch_up()
+            return
+        self._emit_change(change)
+        self._flood(frame, link)
+
+    def _publish(self, adds: list, removes: list) -> None:
+        published = self._replica.publish(self._signer, adds, removes)
+        if published is None:
+            return
+        change, frame = published
+        self._emit_change(change)
+        self._flood(frame, None)
+
+    def _flood(self, frame: bytes, source: PeerProtocol | None) -> None:
+        for link in self._links:
+            if link is not source and link.is_live:
+                link.send_frame(frame)
+
+    def _hold_until_synced(self) -> None:
+        """
+        A master first learns whether the network holds a newer state signed
+        by its key, and publishes only once it holds that state, so that a
+        master restarted without its data never wipes the network.
+        """
+        if not self.directory.addresses() or self.config.master_sync_timeout == 0:
+            self._master_ready = True
+            return
+        self._window.hold()
+        self._master_sync_call = self.reactor.callLater(
+            self.config.master_sync_timeout, self._release_master,
+            "no peer answered in time")
+
+    def _release_master(self, why: str) -> None:
+        if self._master_ready:
+            return
+        self._master_ready = True
+        if self._master_sync_call is not None and self._master_sync_call.active():
+            self._master_sync_call.cancel()
+        self._master_sync_call = None
+        log.info("master publishing from revision {rev}: {why}", rev=self.head.rev, why=why)
+        self._window.release()
+
+    def _maybe_catch_up(self) -> None:
+        if self._catching_up or self._stopping or self._replica is None:
+            return
+        ahead = [(head.rev, i, link) for i, (link, head) in enumerate(self._peer_heads.items())
+                 if link.is_live and head.rev > self.head.rev]
+        if not ahead:
+            if not self._master_ready and self._links:
+                self._release_master("no peer is ahead of it")
+            return
+        _, _, link = max(ahead)
+        self._catching_up = True
+        d = Deferred.fromCoroutine(self._catch_up(link))
+        d.addErrback(lambda f: log.failure("catch-up failed", f))
+
+    async def _catch_up(self, link: PeerProtocol) -> None:
+        retry = False
+        try:
+            await self._catch_up_from(link)
+        except RequestFailed as e:
+            log.info("catch-up from {peer_id} failed: {reason}",
+                     peer_id=link.node_id, reason=str(e))
+            retry = True
+        except ProtocolViolation as e:
+            link.drop(e.reason)
+            retry = True
+        except BatchRejected as e:
+            self._report(f"catch-up from {link.node_id} rejected: {e.reason}",
+                         link.node_id or "?")
+            retry = True
+        finally:
+            self._catching_up = False
+        if self._stopping:
+            return
+        if retry:
+            if self._catch_up_call is None or not self._catch_up_call.active():
+                self._catch_up_call = self.reactor.callLater(
+                    self.config.catch_up_retry, self._maybe_catch_up)
+        else:
+            self._maybe_catch_up()
+
+    async def _catch_up_from(self, link: PeerProtocol) -> None:
+        """
+        The simple catch-up: take the peer's whole hash list, fetch what is
+        missing, and move to exactly the peer's signed state.
+        """
+        start_rev = self.head.rev
+        state = await link.request(wire.state_request)
+        if not isinstance(state, wire.State):
+            raise ProtocolViolation("answered a state request with something else")
+        try:
+            self._replica.verify(state.head)
+        except BadHead as e:
+            raise ProtocolViolation(str(e))
+        if state.head.rev <= self.head.rev:
+            return
+        hashes = set(state.hashes)
+        if len(hashes) != len(state.hashes) or root_of(hashes) != state.head.root:
+            raise ProtocolViolation("state hash list does not match its signed root")
+        missing = [h for h in state.hashes if h not in self.table]
+        fetched: dict[str, tuple[dict, bytes]] = {}
+        for chunk in _chunks(missing, self.config.fetch_chunk):
+            answer = await link.request(lambda rid, c=chunk: wire.fetch(rid, c))
+            if not isinstance(answer, wire.Objects):
+                raise ProtocolViolation("answered a fetch with something else")
+            wanted = set(chunk)
+            for obj in answer.objects:
+                try:
+                    data = canonical_bytes(obj)
+                except InvalidObjectError as e:
+                    raise ProtocolViolation(f"sent an invalid object: {e}")
+                h = hash_bytes(data)
+                if h not in wanted:
+                    raise ProtocolViolation("sent an object that was not asked for")
+                fetched[h] = (obj, data)
+            if self._stopping:
+                return
+        if self.head.rev >= state.head.rev:
+            return
+        change = self._replica.install(state.head, fetched, hashes)
+        log.info("caught up from {peer_id}: revision {old} -> {rev}, "
+                 "+{added} -{removed} objects",
+                 peer_id=link.node_id, old=start_rev, rev=change.head.rev,
+                 added=len(change.added), removed=len(change.removed))
+        self._emit_change(change)
+        announcement = wire.head_announcement(change.head)
+        self._flood(announcement, link)
+
+    def _serve_state(self, link: PeerProtocol, request: wire.StateRequest) -> None:
+        link.send_frame(wire.state(request.id, self.head, self.table.hashes()))
+
+    def _serve_fetch(self, link: PeerProtocol, request: wire.Fetch) -> None:
+        data = [d for d in (self.table.data(h) for h in request.hashes) if d is not None]
+        link.send_frame(wire.objects(request.id, data))
+
+    # Messages -------------------------------------------------------------------
+
+    def _message_received(self, link: PeerProtocol, message: wire.Message,
+                          frame: bytes) -> None:
+        if not self.messages.first_sight(message.id):
+            return
+        self._flood(frame, link)
+        if message.origin != self.node_id:
+            self._emit("message_received", message.body)

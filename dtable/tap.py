@@ -1,0 +1,124 @@
+"""
+twistd plugin support: C{twistd dtable} options and makeService.
+
+    twistd -n dtable --port 9999 --key-file net.key --peer 127.0.0.1:10000 [--master]
+
+Every interval and threshold of L{dtable.config.Config} is an option with the
+seed's default. A bad option makes twistd print what is wrong and exit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.python import usage
+
+from dtable import crypto
+from dtable.config import Config, ConfigError
+from dtable.peers import AddressError, PeerAddress
+
+#: Config fields offered as options, with their help text.
+_TUNABLES: dict[str, str] = {
+    "ping_interval": "Seconds between keep-alive pings; a link silent for twice this is dead.",
+    "clean_interval": "Seconds between runs of the clean loop.",
+    "ping_window": "RTT measurements kept per node.",
+    "better_primary_wait": "Seconds another node must be clearly better before the primary link moves to it.",
+    "purge_after": "Seconds after which an unreachable learned node is forgotten.",
+    "handshake_timeout": "Seconds a new connection has to complete TLS and its hello.",
+    "connect_timeout": "Seconds a TCP connection attempt may take.",
+    "request_timeout": "Seconds a catch-up request may wait for its answer.",
+    "reconnect_initial_delay": "First delay before dialling a peer again.",
+    "reconnect_max_delay": "Longest delay between attempts to dial a peer.",
+    "failures_before_next_peer": "Failed attempts before the primary link tries the next peer.",
+    "message_ttl": "Seconds a message id is remembered by the duplicate filter.",
+    "message_filter_size": "Message ids the duplicate filter remembers at most.",
+    "batch_window": "Seconds the master groups add/remove calls into one batch.",
+    "batch_max_ops": "Operations in one batch at most.",
+    "master_sync_timeout": "Seconds a starting master waits to learn the network's newest state before it publishes.",
+    "catch_up_retry": "Seconds before a failed catch-up is tried again.",
+    "fetch_chunk": "Objects asked for in one catch-up request.",
+    "hello_max_frame": "Largest frame accepted before the hello, in bytes.",
+    "max_frame": "Largest frame accepted on a live link, in bytes.",
+}
+
+_DEFAULTS = {f.name: f.default for f in attrs.fields(Config)}
+
+
+def _option(name: str) -> list[Any]:
+    default = _DEFAULTS[name]
+    return [name.replace("_", "-"), None, default, _TUNABLES[name], type(default)]
+
+
+class Options(usage.Options):
+    synopsis = (
+        "--key-file FILE [--port PORT] [--peer HOST:PORT ...] [--master] [options]"
+    )
+    longdesc = (
+        "Run a node of a dtable network: an encrypted, replicated table of JSON "
+        "objects. Make a network key with: python -m dtable keygen > net.key"
+    )
+
+    optFlags = [
+        ["master", "m", "This node is the master: only it adds and removes objects."],
+    ]
+    optParameters = [
+        ["port", "p", 9999, "TCP port to listen on for peers (0 picks a free one).", int],
+        ["key-file", "k", None, "File holding the network key."],
+        ["interface", None, None,
+         "Address to listen on (default: every address of both IPv4 and IPv6)."],
+        ["debug", "d", 0,
+         "Debug level: 0 none, 1 links, 2 peer selection and the clean loop, "
+         "3 every frame.", int],
+    ] + [_option(name) for name in _TUNABLES]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["peers"] = []
+
+    def opt_peer(self, address: str) -> None:
+        """
+        An initial peer, HOST:PORT or [IPV6]:PORT (repeatable).
+        """
+        try:
+            self["peers"].append(PeerAddress.parse(address))
+        except AddressError as e:
+            raise usage.UsageError(f"--peer: {e}")
+
+    def postOptions(self) -> None:
+        if not self["key-file"]:
+            raise usage.UsageError(
+                "--key-file is required; make a key with: python -m dtable keygen > net.key"
+            )
+        path = self["key-file"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                self["key"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"--key-file: cannot read {path}: {e}")
+        try:
+            crypto.parse_network_key(self["key"])
+        except crypto.WeakKeyError as e:
+            raise usage.UsageError(f"--key-file {path}: {e}")
+        tunables = {name: self[name.replace("_", "-")] for name in _TUNABLES}
+        try:
+            self["config"] = Config(
+                port=self["port"],
+                interface=self["interface"],
+                peers=tuple(self["peers"]),
+                master=bool(self["master"]),
+                debug=self["debug"],
+                **tunables,
+            )
+        except ConfigError as e:
+            raise usage.UsageError(f"--{str(e).split()[0].replace('_', '-')}: {e}")
+
+
+def makeService(options: Options, reactor: Any = None):
+    """
+    Build the node described by C{options}.
+    """
+    from dtable.service import DistributedTable
+
+    return DistributedTable(key=options["key"], config=options["config"],
+                            reactor=reactor)

@@ -1,0 +1,169 @@
+"""
+Helpers for testing applications that embed dtable, under trial or
+pytest-twisted: waiting for a table to reach a condition, and running a small
+network of nodes on loopback in one reactor.
+
+    net = LocalNetwork(reactor, size=3)
+    await net.start()
+    net.master.add_object({"name": "www"})
+    await net.converged()
+    await net.stop()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, DeferredList
+
+from dtable import crypto
+from dtable.config import Config
+from dtable.interfaces import TableObserver
+from dtable.service import DistributedTable
+
+#: Intervals short enough for tests, long enough for a loaded machine.
+FAST = dict(
+    ping_interval=0.5,
+    handshake_timeout=5.0,
+    connect_timeout=5.0,
+    request_timeout=10.0,
+    reconnect_initial_delay=0.05,
+    reconnect_max_delay=0.5,
+    failures_before_next_peer=2,
+    master_sync_timeout=0.2,
+    catch_up_retry=0.1,
+)
+
+
+class _Waiter(TableObserver):
+    def __init__(self, check: Callable[[], None]) -> None:
+        self.started = self.object_added = self.object_removed = (
+            lambda *args: check())
+        self.message_received = lambda *args: check()
+
+
+def wait_for(table: DistributedTable, predicate: Callable[[DistributedTable], bool],
+             timeout: float = 30.0, reactor: Any = None) -> Deferred:
+    """
+    A Deferred that fires with C{table} once C{predicate(table)} is true. It
+    is checked now and after every event of C{table}. Fails with
+    L{twisted.internet.defer.TimeoutError} after C{timeout} seconds.
+    """
+    if reactor is None:
+        reactor = table.reactor
+    d: Deferred = Deferred()
+
+    def check() -> None:
+        if not d.called and predicate(table):
+            d.callback(table)
+
+    unsubscribe = table.subscribe(_Waiter(check))
+    d.addTimeout(timeout, reactor)
+
+    def cleanup(result: Any) -> Any:
+        unsubscribe()
+        return result
+
+    d.addBoth(cleanup)
+    check()
+    return d
+
+
+def wait_for_all(tables: list[DistributedTable],
+                 predicate: Callable[[DistributedTable], bool],
+                 timeout: float = 30.0) -> Deferred:
+    """
+    A Deferred that fires once C{predicate} holds for every table.
+    """
+    return DeferredList([wait_for(t, predicate, timeout) for t in tables],
+                        fireOnOneErrback=True, consumeErrors=True)
+
+
+class Recorder(TableObserver):
+    """
+    An observer that records every event as (name, args) in C{events}.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple]] = []
+
+    def started(self) -> None:
+        self.events.append(("started", ()))
+
+    def object_added(self, obj: dict) -> None:
+        self.events.append(("object_added", (obj,)))
+
+    def object_removed(self, obj: dict) -> None:
+        self.events.append(("object_removed", (obj,)))
+
+    def message_received(self, msg: object) -> None:
+        self.events.append(("message_received", (msg,)))
+
+    def error(self, error_string: str, origin: str, obj: object) -> None:
+        self.events.append(("error", (error_string, origin, obj)))
+
+    def named(self, name: str) -> list[tuple]:
+        return [args for event, args in self.events if event == name]
+
+
+class LocalNetwork:
+    """
+    C{size} nodes on one loopback address in one reactor: node 0 is the
+    master, and node i > 0 dials node C{links[i]} (by default node i - 1,
+    a chain).
+
+    @ivar nodes: the nodes, in order.
+    @ivar recorders: a L{Recorder} per node.
+    """
+
+    def __init__(self, reactor: Any, size: int = 3, key: str | None = None,
+                 links: dict[int, list[int]] | None = None, master: bool = True,
+                 interface: str = "127.0.0.1", **options: Any) -> None:
+        self.reactor = reactor
+        self.key = key or crypto.generate_network_key()
+        self.interface = interface
+        self.links = links if links is not None else {i: [i - 1] for i in range(1, size)}
+        self.options = {**FAST, **options}
+        self.nodes = [
+            DistributedTable(port=0, key=self.key, master=master and i == 0,
+                             reactor=reactor, interface=interface, **self.options)
+            for i in range(size)
+        ]
+        self.recorders = [Recorder() for _ in self.nodes]
+        for node, recorder in zip(self.nodes, self.recorders):
+            node.subscribe(recorder)
+
+    @property
+    def master(self) -> DistributedTable:
+        return self.nodes[0]
+
+    def address(self, index: int) -> str:
+        host = f"[{self.interface}]" if ":" in self.interface else self.interface
+        return f"{host}:{self.nodes[index].listening_port}"
+
+    async def start(self) -> None:
+        """
+        Start every node, then give each its peers.
+        """
+        for node in self.nodes:
+            node.startService()
+        await DeferredList([n.when_started() for n in self.nodes],
+                           fireOnOneErrback=True, consumeErrors=True)
+        for i, targets in self.links.items():
+            for j in targets:
+                self.nodes[i].add_peer(self.address(j))
+
+    async def converged(self, timeout: float = 30.0) -> None:
+        """
+        Wait until every node holds the master's revision and root.
+        """
+        head = self.master.head
+
+        def same(node: DistributedTable) -> bool:
+            return node.head == head
+
+        await wait_for_all(self.nodes, same, timeout)
+
+    async def stop(self) -> None:
+        await DeferredList([n.stopService() for n in self.nodes if n.running],
+                           consumeErrors=True)
