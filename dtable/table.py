@@ -1,0 +1,522 @@
+"""
+The table: the set of objects by hash, and the Merkle root of that set.
+
+This layer owns which objects a node holds, their canonical bytes, and the
+digest that proves two nodes hold the same set: a Merkle root that depends on
+the set of hashes alone, kept up to date incrementally, with the per-node
+view (L{Table.node}, L{Table.children}, L{Table.leaf_hashes}) that lets two
+nodes find where their sets differ by walking both trees from the root.
+
+It knows nothing of sockets, time, revisions, signatures, storage or events;
+it trusts its caller to pass each object with its own canonical bytes and
+their hash (see L{dtable.canonical}).
+
+The tree
+========
+
+The tree is a trie over the hex digits of the hashes. The node for a hex
+prefix C{p} stands for every hash that starts with C{p}:
+
+  - if it holds at most L{LEAF_MAX} hashes it is a I{leaf}, with digest
+    C{sha256(b"L" + the raw 32-byte hashes, sorted, concatenated)};
+  - otherwise it is I{internal}, with 16 children C{p + "0"} ... C{p + "f"}
+    and digest C{sha256(b"N" + the 16 children's digests, in order)}.
+
+An empty child is an empty leaf, digest C{sha256(b"L")}, which is also the
+root of the empty table. The one-byte prefixes keep a leaf's hash list and
+an internal node's child list from ever being read as each other.
+
+Because whether a node is a leaf depends only on how many hashes share its
+prefix, the shape of the tree, and so the root, is a function of the set:
+insertion order and history do not matter. The table keeps that true as it
+changes: a leaf that grows past L{LEAF_MAX} splits, and an internal node
+whose count falls back to L{LEAF_MAX} collapses into a leaf.
+
+Adding or removing a hash walks one path from the root, updates counts and
+marks the digests on the path stale; L{Table.root} recomputes only stale
+digests. L{root_of} computes the same root from a list of hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator
+from typing import Literal, NamedTuple
+
+from dtable.canonical import HASH_RE, JSONObject, is_hash
+
+__all__ = [
+    "EMPTY_ROOT",
+    "LEAF_MAX",
+    "ChildSummary",
+    "NodeKind",
+    "NodeSummary",
+    "Table",
+    "root_of",
+]
+
+LEAF_MAX = 64
+"""The most hashes a leaf holds; a node with more is internal."""
+
+_HEX_DIGITS = "0123456789abcdef"
+_NIBBLE = {digit: value for value, digit in enumerate(_HEX_DIGITS)}
+_MAX_PREFIX = 64
+_PREFIX_RE = re.compile(r"[0-9a-f]{0,64}")
+
+_match_hash = HASH_RE.fullmatch  # is_hash without a call, for the add path
+
+_EMPTY_DIGEST = hashlib.sha256(b"L").digest()
+
+EMPTY_ROOT = _EMPTY_DIGEST.hex()
+"""The root of the empty table (the digest of an empty leaf)."""
+
+NodeKind = Literal["leaf", "internal", "empty"]
+
+
+class NodeSummary(NamedTuple):
+    """
+    What L{Table.node} says about one prefix.
+
+    @ivar kind: C{"internal"}, C{"leaf"} (one to L{LEAF_MAX} hashes) or
+        C{"empty"} (no hashes; the digest is L{EMPTY_ROOT}).
+    @ivar digest: the node's digest, in hex.
+    @ivar count: how many hashes start with the prefix.
+    """
+
+    kind: NodeKind
+    digest: str
+    count: int
+
+
+class ChildSummary(NamedTuple):
+    """
+    One of the 16 entries L{Table.children} returns.
+
+    @ivar prefix: the child's prefix (the parent's plus one hex digit).
+    @ivar digest: the child's digest, in hex.
+    @ivar count: how many hashes start with the child's prefix.
+    """
+
+    prefix: str
+    digest: str
+    count: int
+
+
+class _Node:
+    """
+    One node of the trie, changed in place between leaf and internal.
+
+    @ivar hashes: a leaf's hashes, sorted; C{None} for an internal node.
+    @ivar children: an internal node's 16 children in digit order; C{None}
+        for a leaf.
+    @ivar count: an internal node's number of hashes (a leaf's is
+        C{len(hashes)}).
+    @ivar digest: the raw digest, or C{None} while it is stale.
+    """
+
+    __slots__ = ("hashes", "children", "count", "digest")
+
+    def __init__(self, hashes: list[str]) -> None:
+        self.hashes: list[str] | None = hashes
+        self.children: list[_Node] | None = None
+        self.count = 0
+        self.digest: bytes | None = None
+
+
+def _leaf_digest(hashes: list[str]) -> bytes:
+    """
+    The digest of a leaf holding C{hashes} (sorted hex).
+    """
+    if not hashes:
+        return _EMPTY_DIGEST
+    return hashlib.sha256(b"L" + bytes.fromhex("".join(hashes))).digest()
+
+
+def _digest(node: _Node) -> bytes:
+    """
+    The digest of C{node}, recomputing whatever is stale beneath it.
+    """
+    digest = node.digest
+    if digest is None:
+        children = node.children
+        if children is None:
+            assert node.hashes is not None
+            digest = _leaf_digest(node.hashes)
+        else:
+            digest = hashlib.sha256(
+                b"N" + b"".join([_digest(child) for child in children])
+            ).digest()
+        node.digest = digest
+    return digest
+
+
+def _count(node: _Node) -> int:
+    hashes = node.hashes
+    return node.count if hashes is None else len(hashes)
+
+
+def _collect(node: _Node, into: list[str]) -> None:
+    """
+    Append every hash under C{node} to C{into}, in sorted order.
+    """
+    if node.hashes is not None:
+        into.extend(node.hashes)
+        return
+    assert node.children is not None
+    for child in node.children:
+        _collect(child, into)
+
+
+def _split(node: _Node, depth: int) -> None:
+    """
+    Turn the overfull leaf C{node}, at C{depth} hex digits, into an internal
+    node, splitting any child that is itself overfull.
+    """
+    hashes = node.hashes
+    assert hashes is not None
+    buckets: list[list[str]] = [[] for _ in _HEX_DIGITS]
+    for h in hashes:  # sorted, so each bucket comes out sorted
+        buckets[_NIBBLE[h[depth]]].append(h)
+    children = [_Node(bucket) for bucket in buckets]
+    node.hashes = None
+    node.children = children
+    node.count = len(hashes)
+    node.digest = None
+    for child in children:
+        assert child.hashes is not None
+        if len(child.hashes) > LEAF_MAX:
+            _split(child, depth + 1)
+
+
+def _check_prefix(prefix: str) -> None:
+    if not (isinstance(prefix, str) and _PREFIX_RE.fullmatch(prefix)):
+        raise ValueError(
+            f"a prefix is at most {_MAX_PREFIX} lowercase hex digits, not {prefix!r}"
+        )
+
+
+def _subtree_digest(hashes: list[str], lo: int, hi: int, depth: int) -> bytes:
+    """
+    The digest of the node for the hashes C{hashes[lo:hi]}, which are sorted,
+    distinct and share their first C{depth} hex digits.
+    """
+    if hi - lo <= LEAF_MAX:
+        return _leaf_digest(hashes[lo:hi])
+    prefix = hashes[lo][:depth]
+    parts = [b"N"]
+    start = lo
+    for digit in _HEX_DIGITS[1:]:
+        end = bisect_left(hashes, prefix + digit, start, hi)
+        parts.append(_subtree_digest(hashes, start, end, depth + 1))
+        start = end
+    parts.append(_subtree_digest(hashes, start, hi, depth + 1))
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+def root_of(hashes: Iterable[str]) -> str:
+    """
+    The Merkle root of a set of hashes, computed from scratch.
+
+    This is the root a L{Table} holding exactly those hashes reports.
+
+    @param hashes: hashes in any order; repeats count once.
+    @return: the root, in hex.
+    @raise ValueError: if one of them is not 64 lowercase hex digits.
+    """
+    unique = sorted(set(hashes))
+    for h in unique:
+        if not is_hash(h):
+            raise ValueError(f"not a hash: {h!r}")
+    return _subtree_digest(unique, 0, len(unique), 0).hex()
+
+
+class Table:
+    """
+    A set of JSON objects keyed by hash, with an incrementally maintained
+    Merkle root of the set of hashes.
+
+    Each object is held once, as given (not copied), with its canonical
+    bytes. The table does not re-derive hashes: the caller passes
+    C{(hash, object, bytes)} triples made by L{dtable.canonical} and is
+    responsible for their agreement, and must not mutate an object it added.
+    Iteration order over hashes is unspecified; L{hashes} and L{objects}
+    return hash order.
+    """
+
+    def __init__(self) -> None:
+        self._objects: dict[str, JSONObject] = {}
+        self._data: dict[str, bytes] = {}
+        self._root = _Node([])
+
+    # -- the set --------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def __contains__(self, h: object) -> bool:
+        return h in self._objects
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._objects)
+
+    def get(self, h: str) -> JSONObject | None:
+        """
+        The object with hash C{h}, or C{None} if the table does not hold it.
+        """
+        return self._objects.get(h)
+
+    def data(self, h: str) -> bytes | None:
+        """
+        The canonical bytes of the object with hash C{h}, or C{None}.
+        """
+        return self._data.get(h)
+
+    def hashes(self) -> list[str]:
+        """
+        Every hash in the table, sorted.
+        """
+        into: list[str] = []
+        _collect(self._root, into)
+        return into
+
+    def objects(self) -> list[JSONObject]:
+        """
+        Every object in the table, in the order of their hashes.
+        """
+        objects = self._objects
+        return [objects[h] for h in self.hashes()]
+
+    def add(self, h: str, obj: JSONObject, data: bytes) -> bool:
+        """
+        Add an object.
+
+        @param h: its hash, C{hash_bytes(data)}.
+        @param obj: the object.
+        @param data: its canonical bytes.
+        @return: C{True} if it was added, C{False} if the table already held
+            C{h} (nothing changes).
+        @raise ValueError: if C{h} is not 64 lowercase hex digits.
+        """
+        if h in self._objects:
+            return False
+        if type(h) is not str or _match_hash(h) is None:
+            raise ValueError(f"not a hash: {h!r}")
+        self._objects[h] = obj
+        self._data[h] = data
+        self._insert(h)
+        return True
+
+    def remove(self, h: str) -> JSONObject | None:
+        """
+        Remove the object with hash C{h}.
+
+        @return: the object removed, or C{None} if the table did not hold
+            C{h} (nothing changes).
+        """
+        obj = self._objects.pop(h, None)
+        if obj is None:
+            return None
+        del self._data[h]
+        self._discard(h)
+        return obj
+
+    def apply(
+        self,
+        adds: Iterable[tuple[str, JSONObject, bytes]],
+        removes: Iterable[str],
+    ) -> tuple[list[JSONObject], list[JSONObject]]:
+        """
+        Apply a change: first every remove, then every add.
+
+        All hashes to add are checked before anything changes, so an invalid
+        one leaves the table as it was.
+
+        @param adds: C{(hash, object, canonical bytes)} triples.
+        @param removes: hashes.
+        @return: C{(added, removed)}: the objects actually added and those
+            actually removed, in the order given; adds of objects already
+            held and removes of absent hashes are left out. An object both
+            removed and added again appears in both.
+        @raise ValueError: if a hash to add is not 64 lowercase hex digits.
+        """
+        to_add = list(adds)
+        for h, _, _ in to_add:
+            if not is_hash(h):
+                raise ValueError(f"not a hash: {h!r}")
+        removed: list[JSONObject] = []
+        for h in removes:
+            obj = self.remove(h)
+            if obj is not None:
+                removed.append(obj)
+        added = [obj for h, obj, data in to_add if self.add(h, obj, data)]
+        return added, removed
+
+    def clear(self) -> None:
+        """
+        Remove every object.
+        """
+        self._objects.clear()
+        self._data.clear()
+        self._root = _Node([])
+
+    # -- the tree -------------------------------------------------------
+
+    def root(self) -> str:
+        """
+        The Merkle root of the set of hashes, in hex; L{EMPTY_ROOT} when the
+        table is empty.
+        """
+        return _digest(self._root).hex()
+
+    def node(self, prefix: str) -> NodeSummary:
+        """
+        Describe the node for C{prefix}.
+
+        For a prefix that is a node of the tree this is that node. For a
+        longer prefix, under a leaf, it is the leaf those hashes would form
+        (computed on demand), which is the node a table holding the same
+        hashes under that prefix in a deeper tree would have; so two tables
+        can compare any prefix, whatever their shapes.
+
+        @param prefix: up to 64 lowercase hex digits; C{""} is the root.
+        @raise ValueError: if C{prefix} is not that.
+        """
+        _check_prefix(prefix)
+        node, depth = self._find(prefix)
+        if depth == len(prefix):
+            if node.children is not None:
+                return NodeSummary("internal", _digest(node).hex(), node.count)
+            hashes = node.hashes
+        else:
+            hashes = self._leaf_range(node, prefix)
+        assert hashes is not None
+        if not hashes:
+            return NodeSummary("empty", EMPTY_ROOT, 0)
+        digest = _digest(node) if depth == len(prefix) else _leaf_digest(hashes)
+        return NodeSummary("leaf", digest.hex(), len(hashes))
+
+    def children(self, prefix: str) -> list[ChildSummary]:
+        """
+        Describe the 16 children of the node for C{prefix}.
+
+        For an internal node these are its children. For a leaf, an empty
+        node or a prefix under a leaf, they are what L{node} says of each
+        one-digit-longer prefix, computed on demand.
+
+        @param prefix: up to 63 lowercase hex digits.
+        @return: 16 entries, in digit order.
+        @raise ValueError: if C{prefix} is not that.
+        """
+        _check_prefix(prefix)
+        if len(prefix) == _MAX_PREFIX:
+            raise ValueError("a full hash has no children")
+        node, depth = self._find(prefix)
+        if depth == len(prefix) and node.children is not None:
+            return [
+                ChildSummary(prefix + digit, _digest(child).hex(), _count(child))
+                for digit, child in zip(_HEX_DIGITS, node.children)
+            ]
+        hashes = self._leaf_range(node, prefix)
+        result: list[ChildSummary] = []
+        start = 0
+        for digit in _HEX_DIGITS:
+            end = bisect_left(hashes, prefix + digit + "g", start)
+            group = hashes[start:end]
+            result.append(
+                ChildSummary(prefix + digit, _leaf_digest(group).hex(), len(group))
+            )
+            start = end
+        return result
+
+    def leaf_hashes(self, prefix: str) -> list[str]:
+        """
+        The hashes that start with C{prefix}, sorted.
+
+        @param prefix: up to 64 lowercase hex digits.
+        @raise ValueError: if C{prefix} is not that.
+        """
+        _check_prefix(prefix)
+        node, depth = self._find(prefix)
+        if depth < len(prefix):
+            return self._leaf_range(node, prefix)
+        into: list[str] = []
+        _collect(node, into)
+        return into
+
+    # -- keeping the tree -----------------------------------------------
+
+    def _find(self, prefix: str) -> tuple[_Node, int]:
+        """
+        The deepest node on the path to C{prefix}, and its depth: the node
+        for C{prefix} itself, or the leaf above it.
+        """
+        node = self._root
+        depth = 0
+        while depth < len(prefix):
+            children = node.children
+            if children is None:
+                break
+            node = children[_NIBBLE[prefix[depth]]]
+            depth += 1
+        return node, depth
+
+    @staticmethod
+    def _leaf_range(leaf: _Node, prefix: str) -> list[str]:
+        """
+        The hashes of C{leaf} that start with C{prefix}.
+        """
+        hashes = leaf.hashes
+        assert hashes is not None
+        start = bisect_left(hashes, prefix)
+        # "g" sorts after every hex digit, so this ends the prefix's range.
+        end = bisect_left(hashes, prefix + "g", start)
+        return hashes[start:end]
+
+    def _insert(self, h: str) -> None:
+        """
+        Put the new hash C{h} into the tree.
+        """
+        node = self._root
+        depth = 0
+        children = node.children
+        while children is not None:
+            node.count += 1
+            node.digest = None
+            node = children[_NIBBLE[h[depth]]]
+            children = node.children
+            depth += 1
+        hashes = node.hashes
+        assert hashes is not None
+        insort(hashes, h)
+        node.digest = None
+        if len(hashes) > LEAF_MAX:
+            _split(node, depth)
+
+    def _discard(self, h: str) -> None:
+        """
+        Take the held hash C{h} out of the tree.
+        """
+        node = self._root
+        depth = 0
+        children = node.children
+        while children is not None:
+            node.digest = None
+            node.count -= 1
+            if node.count <= LEAF_MAX:
+                # The highest node on the path to drop to LEAF_MAX: it and
+                # everything under it become one leaf.
+                hashes: list[str] = []
+                _collect(node, hashes)
+                node.children = None
+                node.hashes = hashes
+                node.count = 0
+                break
+            node = children[_NIBBLE[h[depth]]]
+            children = node.children
+            depth += 1
+        hashes_ = node.hashes
+        assert hashes_ is not None
+        del hashes_[bisect_left(hashes_, h)]
+        node.digest = None
