@@ -214,6 +214,15 @@ class PeerProtocol(Int32StringReceiver):
         self.hub.link_down(self, self.close_reason or self._lost_reason)
 
     @_machine.output()
+    def _report_early_loss(self, reason: str) -> None:
+        # TLS refusals (a foreign or missing certificate) end here: the
+        # connection never got as far as a hello.
+        log.warn("connection {direction} {address} closed before its hello: {reason}",
+                 direction="to" if self.outbound else "from",
+                 address=self._peer_text(), reason=reason)
+        self.hub.violation(self, f"closed before its hello: {reason}")
+
+    @_machine.output()
     def _release(self, reason: str) -> None:
         self._is_lost = True
         self._stop_timers()
@@ -228,7 +237,7 @@ class PeerProtocol(Int32StringReceiver):
     _awaiting_hello.upon(_frame_received, enter=_closing, outputs=[_reject_early_frame])
     _awaiting_hello.upon(_violation, enter=_closing, outputs=[_drop_for_violation])
     _awaiting_hello.upon(_close_requested, enter=_closing, outputs=[_close_cleanly])
-    _awaiting_hello.upon(_lost, enter=_closed, outputs=[_release])
+    _awaiting_hello.upon(_lost, enter=_closed, outputs=[_report_early_loss, _release])
     # A live link is forgotten by the node as soon as it starts closing, so
     # that nothing more is sent on it.
     _live.upon(_hello_received, enter=_closing,

@@ -118,6 +118,7 @@ class DistributedTable(MultiService):
         self.messages = DuplicateFilter(reactor, config.message_ttl,
                                         config.message_filter_size)
         self._observers: list[Any] = []
+        self._watchers: list[Callable[[], None]] = []
         self._links: list[PeerProtocol] = []
         self._peer_heads: dict[PeerProtocol, Head] = {}
         self._ports: list["IListeningPort"] = []
@@ -163,6 +164,22 @@ class DistributedTable(MultiService):
             raise ValueError(f"unknown event {event!r}; events are {', '.join(EVENTS)}")
         return self.subscribe(_CallbackObserver(event, callback))
 
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """
+        Call C{callback()} after anything about this node changed: an event,
+        a link that came up or went down. For tests and status displays that
+        wait for a condition. Returns a function that stops the calls.
+        """
+        self._watchers.append(callback)
+        return lambda: self._watchers.remove(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self._watchers):
+            try:
+                callback()
+            except Exception:
+                log.failure("watcher {callback!r} failed", callback=callback)
+
     def _emit(self, event: str, *args: Any) -> None:
         for observer in list(self._observers):
             try:
@@ -174,12 +191,14 @@ class DistributedTable(MultiService):
     def _report(self, error_string: str, origin: str, obj: Any = None) -> None:
         log.error("{origin}: {error}", origin=origin, error=error_string)
         self._emit("error", error_string, origin, obj)
+        self._changed()
 
     def _emit_change(self, change: Change) -> None:
         for obj in change.removed:
             self._emit("object_removed", obj)
         for obj in change.added:
             self._emit("object_added", obj)
+        self._changed()
 
     # Reading the table ----------------------------------------------------------
 
@@ -301,6 +320,7 @@ class DistributedTable(MultiService):
         if not self.config.master:
             message = f"{call} is only allowed on the master; this node is not the master"
             self._emit("error", message, call, obj)
+            self._changed()
             raise NotMasterError(message)
 
     def _require_running(self, call: str) -> None:
@@ -374,6 +394,7 @@ class DistributedTable(MultiService):
         self._emit("started")
         for obj in self.table.objects():
             self._emit("object_added", obj)
+        self._changed()
         for d in self._take(self._started_waiters):
             d.callback(self)
 
@@ -522,6 +543,7 @@ class DistributedTable(MultiService):
         if not self._master_ready and hello.head.rev <= self.head.rev:
             self._release_master("a peer is not ahead of it")
         self._maybe_catch_up()
+        self._changed()
         return None
 
     def link_down(self, link: PeerProtocol, reason: str) -> None:
@@ -530,6 +552,7 @@ class DistributedTable(MultiService):
             self._peer_heads.pop(link, None)
             self._links_log.debug("link down with {peer_id}: {reason}",
                                   peer_id=link.node_id, reason=reason)
+            self._changed()
 
     def violation(self, link: PeerProtocol, reason: str) -> None:
         # The firewall will count these; for now the log says it.
@@ -718,3 +741,4 @@ class DistributedTable(MultiService):
         self._flood(frame, link)
         if message.origin != self.node_id:
             self._emit("message_received", message.body)
+            self._changed()

@@ -35,18 +35,12 @@ FAST = dict(
 )
 
 
-class _Waiter(TableObserver):
-    def __init__(self, check: Callable[[], None]) -> None:
-        self.started = self.object_added = self.object_removed = (
-            lambda *args: check())
-        self.message_received = lambda *args: check()
-
-
 def wait_for(table: DistributedTable, predicate: Callable[[DistributedTable], bool],
              timeout: float = 30.0, reactor: Any = None) -> Deferred:
     """
     A Deferred that fires with C{table} once C{predicate(table)} is true. It
-    is checked now and after every event of C{table}. Fails with
+    is checked now and after every change of C{table} (its events, and links
+    coming up or going down). Fails with
     L{twisted.internet.defer.TimeoutError} after C{timeout} seconds.
     """
     if reactor is None:
@@ -57,7 +51,7 @@ def wait_for(table: DistributedTable, predicate: Callable[[DistributedTable], bo
         if not d.called and predicate(table):
             d.callback(table)
 
-    unsubscribe = table.subscribe(_Waiter(check))
+    unsubscribe = table.watch(check)
     d.addTimeout(timeout, reactor)
 
     def cleanup(result: Any) -> Any:
@@ -155,8 +149,10 @@ class LocalNetwork:
 
     async def converged(self, timeout: float = 30.0) -> None:
         """
-        Wait until every node holds the master's revision and root.
+        Publish what the master has pending, then wait until every node
+        holds the master's revision and root.
         """
+        self.master.flush()
         head = self.master.head
 
         def same(node: DistributedTable) -> bool:

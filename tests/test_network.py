@@ -1,0 +1,255 @@
+"""
+Nodes over real mutual TLS on loopback, in one reactor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
+
+from dtable import crypto
+from dtable.service import DistributedTable, NotMasterError
+from dtable.store import MemoryStore
+from dtable.testing import FAST, LocalNetwork, Recorder, wait_for, wait_for_all
+
+# The seed's five-node example: 0 is the master and lists itself and node 3;
+# 1 -> 0, 2 -> 1, 3 -> 1, 4 -> 3.
+SEED_LINKS = {0: [0, 3], 1: [0], 2: [1], 3: [1], 4: [3]}
+
+
+def _reactor():
+    from twisted.internet import reactor
+    return reactor
+
+
+class LogCapture:
+    """
+    Collects log events while installed; fires waiters on a matching event.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self._waiters: list[tuple] = []
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+        for waiter in list(self._waiters):
+            predicate, d = waiter
+            if predicate(event):
+                self._waiters.remove(waiter)
+                d.callback(event)
+
+    def wait(self, predicate, timeout: float = 30.0) -> Deferred:
+        for event in self.events:
+            if predicate(event):
+                d: Deferred = Deferred()
+                d.callback(event)
+                return d
+        d = Deferred()
+        self._waiters.append((predicate, d))
+        return d.addTimeout(timeout, _reactor())
+
+
+@pytest.fixture
+def logs():
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    yield capture
+    globalLogPublisher.removeObserver(capture)
+
+
+def _hashes(node: DistributedTable) -> set[str]:
+    return set(node.table.hashes())
+
+
+@pytest_twisted.ensureDeferred
+async def test_seed_topology_add_remove_and_duplicate_add():
+    net = LocalNetwork(_reactor(), size=5, links=SEED_LINKS)
+    await net.start()
+    try:
+        master = net.master
+        h = master.add_object({"test": "test"})
+        await wait_for_all(net.nodes, lambda n: h in n)
+        assert all(n.get(h) == {"test": "test"} for n in net.nodes)
+        # The master's own address looped back and was marked as itself.
+        assert len(master.directory.self_addresses()) == 1
+
+        rev = master.head.rev
+        assert master.add_object({"test": "test"}) == h
+        master.flush()
+        other = master.add_object({"other": 1})
+        await net.converged()
+        # The duplicate add published nothing: one revision for "other".
+        assert master.head.rev == rev + 1
+        for recorder in net.recorders:
+            added = recorder.named("object_added")
+            assert added.count(({"test": "test"},)) == 1
+
+        master.remove_object(h)
+        await wait_for_all(net.nodes, lambda n: h not in n)
+        await net.converged()
+        for node, recorder in zip(net.nodes, net.recorders):
+            assert _hashes(node) == {other}
+            assert recorder.named("object_removed") == [({"test": "test"},)]
+    finally:
+        await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_reach_every_node_once_around_a_cycle():
+    ring = {0: [1], 1: [2], 2: [3], 3: [0]}
+    net = LocalNetwork(_reactor(), size=4, links=ring)
+    await net.start()
+    try:
+        await wait_for_all(net.nodes, lambda n: len(n.links) >= 2)
+        for i, node in enumerate(net.nodes):
+            node.send_message({"from": i})
+
+        def senders(i: int) -> set[int]:
+            return {args[0]["from"] for args in net.recorders[i].named("message_received")}
+
+        await wait_for_all(
+            net.nodes,
+            lambda n: senders(net.nodes.index(n)) >= set(range(4)) - {net.nodes.index(n)})
+        # A last message that every node has received bounds the flood: a
+        # duplicate of the earlier ones would have arrived before it.
+        net.nodes[0].send_message("barrier")
+        await wait_for_all(
+            net.nodes[1:],
+            lambda n: ("barrier",) in net.recorders[net.nodes.index(n)].named(
+                "message_received"))
+        for i, recorder in enumerate(net.recorders):
+            got = [args for args in recorder.named("message_received") if args != ("barrier",)]
+            assert sorted(a[0]["from"] for a in got) == [j for j in range(4) if j != i]
+    finally:
+        await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_network_without_master_carries_messages():
+    net = LocalNetwork(_reactor(), size=3, master=False)
+    await net.start()
+    try:
+        assert not any(n.config.master for n in net.nodes)
+        await wait_for_all(net.nodes[1:], lambda n: len(n.links) >= 1)
+        await wait_for(net.nodes[1], lambda n: len(n.links) == 2)
+        net.nodes[2].send_message({"load": 0.3})
+        net.nodes[0].send_message({"load": 0.5})
+        await wait_for(net.nodes[0], lambda n: len(net.recorders[0].named("message_received")) == 1)
+        await wait_for(net.nodes[2], lambda n: len(net.recorders[2].named("message_received")) == 1)
+        await wait_for(net.nodes[1], lambda n: len(net.recorders[1].named("message_received")) == 2)
+        assert net.recorders[0].named("message_received") == [({"load": 0.3},)]
+        assert net.recorders[2].named("message_received") == [({"load": 0.5},)]
+    finally:
+        await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_replication_over_ipv6_loopback():
+    net = LocalNetwork(_reactor(), size=3, interface="::1")
+    await net.start()
+    try:
+        hashes = [net.master.add_object({"n": i}) for i in range(10)]
+        await net.converged()
+        net.master.remove_object(hashes[0])
+        await net.converged()
+        for node in net.nodes:
+            assert _hashes(node) == set(hashes[1:])
+        assert net.nodes[1].links[0].transport.getPeer().host == "::1"
+    finally:
+        await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_master_cannot_change_the_table():
+    net = LocalNetwork(_reactor(), size=3)
+    await net.start()
+    try:
+        node = net.nodes[1]
+        with pytest.raises(NotMasterError, match="only allowed on the master"):
+            node.add_object({"evil": True})
+        with pytest.raises(NotMasterError):
+            node.remove_object({"evil": True})
+        errors = net.recorders[1].named("error")
+        assert [e[1] for e in errors] == ["add_object", "remove_object"]
+        assert "not the master" in errors[0][0]
+        h = net.master.add_object({"good": True})
+        await net.converged()
+        for n in net.nodes:
+            assert _hashes(n) == {h}
+    finally:
+        await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_returning_node_holds_exactly_the_masters_table():
+    reactor = _reactor()
+    net = LocalNetwork(reactor, size=3, links={1: [0], 2: [0]})
+    await net.start()
+    returning = None
+    try:
+        master = net.master
+        old = [master.add_object({"old": i}) for i in range(30)]
+        await net.converged()
+        store = net.nodes[2]._store
+        await net.nodes[2].stopService()
+
+        new = [master.add_object({"new": i}) for i in range(50)]
+        for h in old[:20]:
+            master.remove_object(h)
+        master.flush()
+        await wait_for(net.nodes[1], lambda n: n.head == master.head)
+
+        returning = DistributedTable(port=0, key=net.key, reactor=reactor,
+                                     store=store, interface="127.0.0.1", **FAST)
+        recorder = Recorder()
+        returning.subscribe(recorder)
+        returning.startService()
+        await returning.when_started()
+        # On start it serves what it had: one object_added per stored object.
+        assert len(recorder.named("object_added")) == 30
+        returning.add_peer(net.address(0))
+        await wait_for(returning, lambda n: n.head == master.head)
+        assert _hashes(returning) == _hashes(master) == set(old[20:]) | set(new)
+        assert returning.table.root() == master.head.root
+        removed = {o[0]["old"] for o in recorder.named("object_removed")}
+        assert removed == set(range(20))
+    finally:
+        if returning is not None:
+            await returning.stopService()
+        await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_with_another_key_cannot_link_or_inject(logs):
+    reactor = _reactor()
+    net = LocalNetwork(reactor, size=2)
+    await net.start()
+    intruder = DistributedTable(port=0, key=crypto.generate_network_key(), master=True,
+                                reactor=reactor, interface="127.0.0.1", **FAST)
+    try:
+        h = net.master.add_object({"honest": 1})
+        await net.converged()
+        intruder.startService()
+        await intruder.when_started()
+        intruder.add_peer(net.address(1))
+        intruder.add_object({"forged": 1})
+        # The honest node logs that it refused the connection.
+        refusal = await logs.wait(
+            lambda e: e.get("log_namespace") == "dtable.links"
+            and "closed before its hello" in e.get("log_format", "")
+            and e.get("direction") == "from")
+        assert refusal["reason"]
+        assert intruder.links == []
+        assert net.nodes[1].links and all(
+            link.node_id == net.master.node_id for link in net.nodes[1].links)
+        # Nothing the intruder published reached anyone.
+        h2 = net.master.add_object({"honest": 2})
+        await net.converged()
+        for node in net.nodes:
+            assert _hashes(node) == {h, h2}
+    finally:
+        await intruder.stopService()
+        await net.stop()
