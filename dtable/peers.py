@@ -63,7 +63,7 @@ class PeerAddress:
                 raise AddressError(
                     f"bad peer address {text!r}: write IPv6 addresses as [address]:port"
                 )
-        if not port_text.isdigit():
+        if not (port_text.isascii() and port_text.isdigit()):
             raise AddressError(f"bad port {port_text!r} in peer address {text!r}")
         return cls(host=host, port=_check_port(int(port_text), text))
 

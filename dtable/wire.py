@@ -34,6 +34,13 @@ _dumps = json.JSONEncoder(
 ).encode
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_loads = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 class ProtocolViolation(Exception):
     """
     A peer broke the wire contract. C{reason} says how, for the log.
@@ -333,7 +340,7 @@ def decode(frame: bytes) -> WireMessage:
         unknown type, or breaks its type's schema.
     """
     try:
-        payload = json.loads(frame)
+        payload = _loads(frame.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise ProtocolViolation(f"frame is not UTF-8 JSON: {e}") from None
     if type(payload) is not dict:

@@ -1,0 +1,607 @@
+"""
+Tests for L{dtable.replication}: the merge rule, signed heads, publishing
+and applying batches, installing a caught-up state, loading a stored one,
+and the master's batch window.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from dtable import crypto, wire
+from dtable.canonical import canonical_bytes, hash_bytes
+from dtable.interfaces import IStore
+from dtable.replication import (
+    BadHead,
+    BatchRejected,
+    BatchWindow,
+    Decision,
+    HeadSigner,
+    HeadVerifier,
+    Replica,
+    head_signing_bytes,
+    merge_rule,
+)
+from dtable.store import MemoryStore, empty_head
+from dtable.table import EMPTY_ROOT, Table, root_of
+from dtable.wire import Head
+
+
+@functools.lru_cache(maxsize=None)
+def network(name: str) -> crypto.NetworkCredentials:
+    """
+    A network derived once per name for the whole module (derivation is
+    deliberately slow).
+    """
+    return crypto.derive_network(crypto.parse_network_key(crypto.generate_network_key()))
+
+
+def entry(obj: dict[str, Any]) -> tuple[str, dict[str, Any], bytes]:
+    data = canonical_bytes(obj)
+    return hash_bytes(data), obj, data
+
+
+def h(obj: dict[str, Any]) -> str:
+    return entry(obj)[0]
+
+
+def verifier_for(net: crypto.NetworkCredentials) -> HeadVerifier:
+    return HeadVerifier(net.network_id, crypto.public_key_hex(net.master_key))
+
+
+def signer_for(net: crypto.NetworkCredentials) -> HeadSigner:
+    return HeadSigner(net.network_id, net.master_key)
+
+
+def open_store() -> MemoryStore:
+    store = MemoryStore()
+    store.open()
+    return store
+
+
+def new_replica(net: crypto.NetworkCredentials,
+                store: MemoryStore | None = None) -> Replica:
+    return Replica(Table(), store if store is not None else open_store(),
+                   verifier_for(net))
+
+
+def decode_batch(frame: bytes) -> wire.Batch:
+    message = wire.decode(frame)
+    assert isinstance(message, wire.Batch)
+    return message
+
+
+A = {"name": "a"}
+B = {"name": "b", "n": 1}
+C = {"name": "c", "tags": ["x", "ü"]}
+D = {"name": "d", "nested": {"k": None}}
+
+
+class MergeRuleTests(SynchronousTestCase):
+    """
+    The one rule: apply a batch that starts here, drop one at or below this
+    revision, catch up for one that starts beyond.
+    """
+
+    CASES = [
+        # local rev, head rev, head base, decision
+        (0, 1, 0, Decision.APPLY),
+        (4, 5, 4, Decision.APPLY),
+        (1, 1, 0, Decision.DUPLICATE),
+        (5, 1, 0, Decision.DUPLICATE),
+        (5, 5, 4, Decision.DUPLICATE),
+        (0, 2, 1, Decision.GAP),
+        (3, 9, 8, Decision.GAP),
+        (3, 5, 2, Decision.GAP),
+        (0, 7, 3, Decision.GAP),
+    ]
+
+    def test_cases(self) -> None:
+        for local, rev, base, expected in self.CASES:
+            head = Head(rev=rev, base=base, root=EMPTY_ROOT, sig="s", master="m")
+            self.assertEqual(merge_rule(local, head), expected,
+                             f"local {local}, batch {base} -> {rev}")
+
+    def test_replica_decides_by_its_revision(self) -> None:
+        net = network("main")
+        master = new_replica(net)
+        master.publish(signer_for(net), [entry(A)], [])
+        follower = new_replica(net)
+        head = Head(rev=2, base=1, root=EMPTY_ROOT)
+        self.assertEqual(follower.decide(head), Decision.GAP)
+        self.assertEqual(master.decide(head), Decision.APPLY)
+        self.assertEqual(master.decide(master.head), Decision.DUPLICATE)
+
+
+class HeadSignatureTests(SynchronousTestCase):
+    """
+    Heads signed by the network's master verify; anything else is BadHead.
+    """
+
+    def setUp(self) -> None:
+        self.net = network("main")
+        self.signer = signer_for(self.net)
+        self.verifier = verifier_for(self.net)
+        self.head = self.signer.sign(3, 2, root_of([h(A)]))
+
+    def test_good_head(self) -> None:
+        self.assertEqual(self.head.master, crypto.public_key_hex(self.net.master_key))
+        self.assertEqual(self.signer.public, self.head.master)
+        self.assertEqual((self.head.rev, self.head.base, self.head.root),
+                         (3, 2, root_of([h(A)])))
+        self.verifier.check(self.head)
+
+    def test_signature_covers_the_signing_bytes(self) -> None:
+        data = head_signing_bytes(self.net.network_id, 3, 2, self.head.root)
+        self.assertTrue(crypto.verify(self.head.master, data, self.head.sig))
+
+    def test_signed_heads_survive_the_wire(self) -> None:
+        message = wire.decode(wire.head_announcement(self.head))
+        assert isinstance(message, wire.HeadAnnouncement)
+        self.verifier.check(message.head)
+
+    def test_tampered_fields(self) -> None:
+        for changes in ({"rev": 4}, {"base": 1}, {"root": root_of([h(B)])},
+                        {"root": EMPTY_ROOT}):
+            tampered = attrs.evolve(self.head, **changes)
+            self.assertRaises(BadHead, self.verifier.check, tampered)
+
+    def test_tampered_signature(self) -> None:
+        sig = self.head.sig
+        flipped = ("0" if sig[0] != "0" else "1") + sig[1:]
+        self.assertRaises(BadHead, self.verifier.check,
+                          attrs.evolve(self.head, sig=flipped))
+        self.assertRaises(BadHead, self.verifier.check, attrs.evolve(self.head, sig=""))
+        self.assertRaises(BadHead, self.verifier.check,
+                          attrs.evolve(self.head, sig="zz" * 64))
+
+    def test_other_master_key(self) -> None:
+        other = HeadSigner(self.net.network_id, Ed25519PrivateKey.generate())
+        head = other.sign(3, 2, self.head.root)
+        e = self.assertRaises(BadHead, self.verifier.check, head)
+        self.assertIn("another master key", str(e))
+        # The same signature claimed for the trusted key does not verify.
+        claimed = attrs.evolve(head, master=self.head.master)
+        e = self.assertRaises(BadHead, self.verifier.check, claimed)
+        self.assertIn("bad signature", str(e))
+
+    def test_other_network(self) -> None:
+        """
+        A head signed for another network does not verify here, even with
+        the same master key.
+        """
+        other_net = network("other")
+        self.assertNotEqual(other_net.network_id, self.net.network_id)
+        foreign = HeadSigner(other_net.network_id, self.net.master_key)
+        head = foreign.sign(3, 2, self.head.root)
+        self.assertRaises(BadHead, self.verifier.check, head)
+        self.assertRaises(BadHead, verifier_for(other_net).check, self.head)
+        verifier_for(other_net).check(signer_for(other_net).sign(3, 2, self.head.root))
+
+    def test_revision_zero_is_unsigned(self) -> None:
+        self.verifier.check(empty_head())
+
+
+class PublishAndApplyTests(SynchronousTestCase):
+    """
+    What the master publishes, a follower applies to the same root and head.
+    """
+
+    def setUp(self) -> None:
+        self.net = network("main")
+        self.signer = signer_for(self.net)
+        self.master_store = open_store()
+        self.master = new_replica(self.net, self.master_store)
+        self.follower_store = open_store()
+        self.follower = new_replica(self.net, self.follower_store)
+
+    def publish(self, adds: list[dict], removes: list[dict]) -> bytes:
+        result = self.master.publish(
+            self.signer, [entry(o) for o in adds], [h(o) for o in removes]
+        )
+        assert result is not None
+        return result[1]
+
+    def assertSameState(self, one: Replica, one_store: MemoryStore) -> None:
+        """
+        C{one} and its store hold exactly the master's state.
+        """
+        self.assertEqual(one.table.root(), self.master.table.root())
+        self.assertEqual(one.head, self.master.head)
+        self.assertEqual(one.table.hashes(), self.master.table.hashes())
+        self.assertEqual(one_store.head(), self.master.head)
+        self.assertEqual(sorted(one_store.items()), sorted(self.master_store.items()))
+
+    def test_memory_store_provides_istore(self) -> None:
+        self.assertTrue(verifyObject(IStore, MemoryStore()))
+
+    def test_publish(self) -> None:
+        result = self.master.publish(self.signer, [entry(A), entry(B)], [])
+        assert result is not None
+        change, frame = result
+        self.assertEqual(change.head.rev, 1)
+        self.assertEqual(change.head.base, 0)
+        self.assertEqual(change.head.root, root_of([h(A), h(B)]))
+        self.assertEqual(change.added, [A, B])
+        self.assertEqual(change.removed, [])
+        self.assertEqual(self.master.head, change.head)
+        verifier_for(self.net).check(change.head)
+        batch = decode_batch(frame)
+        self.assertEqual(batch.head, change.head)
+        self.assertEqual(list(batch.adds), [A, B])
+        self.assertEqual(batch.removes, ())
+        # Persisted before it is returned.
+        self.assertEqual(self.master_store.head(), change.head)
+        self.assertEqual(dict(self.master_store.items()),
+                         {h(A): canonical_bytes(A), h(B): canonical_bytes(B)})
+
+    def test_publish_nothing(self) -> None:
+        self.assertIsNone(self.master.publish(self.signer, [], []))
+        self.publish([A], [])
+        head = self.master.head
+        self.assertIsNone(self.master.publish(self.signer, [entry(A)], []))
+        self.assertIsNone(self.master.publish(self.signer, [], [h(B)]))
+        self.assertEqual(self.master.head, head)
+
+    def test_publish_leaves_out_ops_that_change_nothing(self) -> None:
+        self.publish([A], [])
+        batch = decode_batch(self.publish([A, B], [A, C]))
+        self.assertEqual(list(batch.adds), [B])
+        self.assertEqual(batch.removes, (h(A),))
+
+    def test_follower_applies_batches(self) -> None:
+        for adds, removes in (([A, B], []), ([C], [A]), ([D, A], [B, C])):
+            frame = self.publish(adds, removes)
+            batch = decode_batch(frame)
+            self.assertEqual(self.follower.decide(batch.head), Decision.APPLY)
+            change = self.follower.apply_batch(batch)
+            self.assertEqual(change.head, self.master.head)
+            self.assertEqual(change.added, adds)
+            self.assertEqual(change.removed, removes)
+            self.assertSameState(self.follower, self.follower_store)
+        self.assertEqual(self.follower.head.rev, 3)
+        self.assertEqual(self.follower.table.objects(),
+                         sorted([D, A], key=h))
+
+    def test_batch_frame_is_relayed_unchanged(self) -> None:
+        """
+        A second follower that gets the frame from the first applies it the
+        same way.
+        """
+        frame = self.publish([A, C], [])
+        self.follower.apply_batch(decode_batch(frame))
+        third_store = open_store()
+        third = new_replica(self.net, third_store)
+        third.apply_batch(decode_batch(frame))
+        self.assertSameState(third, third_store)
+
+    def test_duplicate_batch_is_not_applied(self) -> None:
+        batch = decode_batch(self.publish([A], []))
+        self.follower.apply_batch(batch)
+        self.assertEqual(self.follower.decide(batch.head), Decision.DUPLICATE)
+        self.assertRaises(BatchRejected, self.follower.apply_batch, batch)
+        self.assertSameState(self.follower, self.follower_store)
+
+    def test_base_not_this_revision(self) -> None:
+        self.publish([A], [])
+        batch = decode_batch(self.publish([B], []))
+        e = self.assertRaises(BatchRejected, self.follower.apply_batch, batch)
+        self.assertIn("starts at 1", e.reason)
+        self.assertEqual(self.follower.table.hashes(), [])
+        self.assertEqual(self.follower.head, empty_head())
+
+    def test_unsigned_batch(self) -> None:
+        other = HeadSigner(self.net.network_id, Ed25519PrivateKey.generate())
+        head = other.sign(1, 0, root_of([h(A)]))
+        batch = wire.Batch(head=head, adds=(A,), removes=())
+        self.assertRaises(BadHead, self.follower.apply_batch, batch)
+        self.assertEqual(len(self.follower.table), 0)
+        self.assertEqual(self.follower.head, empty_head())
+
+    def test_wrong_root_leaves_table_unchanged(self) -> None:
+        self.follower.apply_batch(decode_batch(self.publish([A, B, C], [])))
+        hashes = self.follower.table.hashes()
+        root = self.follower.table.root()
+        head = self.follower.head
+        stored = sorted(self.follower_store.items())
+        # Signed, starts here, but the signed root is not what the ops make.
+        wrong = self.signer.sign(2, 1, root_of([h(A), h(D)]))
+        batch = wire.Batch(head=wrong, adds=(D, {"extra": 1}), removes=(h(B), h(C)))
+        e = self.assertRaises(BatchRejected, self.follower.apply_batch, batch)
+        self.assertIn("root", e.reason)
+        self.assertEqual(self.follower.table.hashes(), hashes)
+        self.assertEqual(self.follower.table.root(), root)
+        self.assertEqual(self.follower.head, head)
+        self.assertEqual(self.follower.table.objects(), sorted([A, B, C], key=h))
+        for obj in (A, B, C):
+            self.assertEqual(self.follower.table.data(h(obj)), canonical_bytes(obj))
+        self.assertEqual(self.follower_store.head(), head)
+        self.assertEqual(sorted(self.follower_store.items()), stored)
+
+    def test_wrong_root_with_remove_and_readd(self) -> None:
+        """
+        Undoing a rejected batch that removed and re-added one object keeps
+        the object.
+        """
+        self.follower.apply_batch(decode_batch(self.publish([A, B], [])))
+        root = self.follower.table.root()
+        wrong = self.signer.sign(2, 1, EMPTY_ROOT)
+        batch = wire.Batch(head=wrong, adds=(A,), removes=(h(A),))
+        self.assertRaises(BatchRejected, self.follower.apply_batch, batch)
+        self.assertEqual(self.follower.table.hashes(), sorted([h(A), h(B)]))
+        self.assertEqual(self.follower.table.root(), root)
+
+    def test_invalid_object(self) -> None:
+        head = self.signer.sign(1, 0, EMPTY_ROOT)
+        batch = wire.Batch(head=head, adds=({"x": float("nan")},), removes=())
+        e = self.assertRaises(BatchRejected, self.follower.apply_batch, batch)
+        self.assertIn("invalid object", e.reason)
+        self.assertEqual(self.follower.head, empty_head())
+
+
+class InstallTests(SynchronousTestCase):
+    """
+    A state learnt from a peer replaces the table with exactly that set.
+    """
+
+    def setUp(self) -> None:
+        self.net = network("main")
+        self.signer = signer_for(self.net)
+        self.store = open_store()
+        self.replica = new_replica(self.net, self.store)
+        self.replica.apply_batch(
+            wire.Batch(head=self.signer.sign(1, 0, root_of([h(A), h(B)])),
+                       adds=(A, B), removes=())
+        )
+
+    def objects_for(self, *objs: dict) -> dict[str, tuple[dict, bytes]]:
+        return {h(o): (o, canonical_bytes(o)) for o in objs}
+
+    def test_install_moves_to_exactly_the_set(self) -> None:
+        hashes = {h(B), h(C), h(D)}
+        head = self.signer.sign(5, 4, root_of(hashes))
+        change = self.replica.install(head, self.objects_for(C, D), hashes)
+        self.assertEqual(set(self.replica.table.hashes()), hashes)
+        self.assertNotIn(h(A), self.replica.table)
+        self.assertEqual(self.replica.head, head)
+        self.assertEqual(change.head, head)
+        self.assertEqual(change.removed, [A])
+        self.assertEqual(sorted(change.added, key=h), sorted([C, D], key=h))
+        self.assertEqual(dict(self.store.items()),
+                         {x: canonical_bytes(o) for x, o in
+                          ((h(B), B), (h(C), C), (h(D), D))})
+        self.assertEqual(self.store.head(), head)
+
+    def test_install_empty_state(self) -> None:
+        head = self.signer.sign(2, 1, EMPTY_ROOT)
+        change = self.replica.install(head, {}, set())
+        self.assertEqual(len(self.replica.table), 0)
+        self.assertEqual(sorted(change.removed, key=h), sorted([A, B], key=h))
+        self.assertEqual(self.store.items(), [])
+
+    def test_refuses_older_or_same_head(self) -> None:
+        root = self.replica.table.root()
+        same = self.signer.sign(1, 0, root_of([h(C)]))
+        self.assertRaises(BatchRejected, self.replica.install, same,
+                          self.objects_for(C), {h(C)})
+        self.assertEqual(self.replica.table.root(), root)
+        self.assertEqual(self.replica.head.rev, 1)
+        # Move to 4, then 3 is older.
+        self.replica.install(self.signer.sign(4, 3, root_of([h(C)])),
+                             self.objects_for(C), {h(C)})
+        e = self.assertRaises(BatchRejected, self.replica.install,
+                              self.signer.sign(3, 2, root_of([h(D)])),
+                              self.objects_for(D), {h(D)})
+        self.assertIn("not newer", e.reason)
+        self.assertEqual(self.replica.table.hashes(), [h(C)])
+        self.assertEqual(self.replica.head.rev, 4)
+
+    def test_refuses_unsigned_state(self) -> None:
+        head = HeadSigner(self.net.network_id, Ed25519PrivateKey.generate()).sign(
+            5, 4, root_of([h(C)]))
+        self.assertRaises(BadHead, self.replica.install, head, self.objects_for(C), {h(C)})
+        self.assertEqual(self.replica.table.hashes(), sorted([h(A), h(B)]))
+
+    def test_missing_object(self) -> None:
+        hashes = {h(C), h(D)}
+        head = self.signer.sign(5, 4, root_of(hashes))
+        e = self.assertRaises(BatchRejected, self.replica.install, head,
+                              self.objects_for(C), hashes)
+        self.assertIn(h(D), e.reason)
+        self.assertEqual(self.replica.table.hashes(), sorted([h(A), h(B)]))
+
+    def test_wrong_root_leaves_table_unchanged(self) -> None:
+        root = self.replica.table.root()
+        head = self.signer.sign(5, 4, root_of([h(D)]))
+        self.assertRaises(BatchRejected, self.replica.install, head,
+                          self.objects_for(C), {h(C)})
+        self.assertEqual(self.replica.table.hashes(), sorted([h(A), h(B)]))
+        self.assertEqual(self.replica.table.root(), root)
+        self.assertEqual(self.replica.head.rev, 1)
+        self.assertEqual(self.store.head().rev, 1)
+
+
+class LoadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.net = network("main")
+
+    def test_load_committed_state(self) -> None:
+        store = MemoryStore()
+        store.open()
+        master = new_replica(self.net, store)
+        master.publish(signer_for(self.net), [entry(A), entry(B), entry(C)], [])
+        master.publish(signer_for(self.net), [entry(D)], [h(B)])
+        restarted = new_replica(self.net, store)
+        self.assertEqual(restarted.head, empty_head())
+        restarted.load()
+        self.assertEqual(restarted.head, master.head)
+        self.assertEqual(restarted.head.rev, 2)
+        self.assertEqual(restarted.table.root(), master.table.root())
+        self.assertEqual(restarted.table.objects(), master.table.objects())
+
+    def test_load_empty_store(self) -> None:
+        replica = new_replica(self.net)
+        replica.load()
+        self.assertEqual(replica.head, empty_head())
+        self.assertEqual(len(replica.table), 0)
+
+    def test_load_mismatch(self) -> None:
+        store = MemoryStore()
+        store.open()
+        head = signer_for(self.net).sign(1, 0, root_of([h(A)]))
+        store.commit(head, [(h(B), canonical_bytes(B))], [])
+        replica = new_replica(self.net, store)
+        self.assertRaises(ValueError, replica.load)
+        self.assertEqual(replica.head, empty_head())
+
+
+class BatchWindowTests(SynchronousTestCase):
+    """
+    The master's add and remove calls within one window become one publish.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.published: list[tuple[list, list]] = []
+
+    def window(self, window: float = 0.5, max_ops: int = 100) -> BatchWindow:
+        return BatchWindow(self.clock, window, max_ops,
+                           lambda adds, removes: self.published.append((adds, removes)))
+
+    def test_one_window_one_publish(self) -> None:
+        w = self.window()
+        w.add(*entry(A))
+        self.clock.advance(0.3)
+        w.add(*entry(B))
+        w.remove(h(C))
+        self.assertEqual(len(w), 3)
+        self.clock.advance(0.1)
+        self.assertEqual(self.published, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.published, [([entry(A), entry(B)], [h(C)])])
+        self.assertEqual(len(w), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_next_window(self) -> None:
+        w = self.window()
+        w.add(*entry(A))
+        self.clock.advance(0.5)
+        w.add(*entry(B))
+        self.clock.advance(0.5)
+        self.assertEqual(self.published, [([entry(A)], []), ([entry(B)], [])])
+
+    def test_zero_window_is_one_turn(self) -> None:
+        w = self.window(window=0.0)
+        w.add(*entry(A))
+        w.add(*entry(B))
+        self.assertEqual(self.published, [])
+        self.clock.advance(0)
+        self.assertEqual(self.published, [([entry(A), entry(B)], [])])
+
+    def test_add_then_remove_is_remove(self) -> None:
+        w = self.window()
+        w.add(*entry(A))
+        w.remove(h(A))
+        self.assertEqual(len(w), 1)
+        self.clock.advance(0.5)
+        self.assertEqual(self.published, [([], [h(A)])])
+
+    def test_remove_then_add_is_add(self) -> None:
+        w = self.window()
+        w.remove(h(A))
+        w.add(*entry(A))
+        self.clock.advance(0.5)
+        self.assertEqual(self.published, [([entry(A)], [])])
+
+    def test_max_ops_splits(self) -> None:
+        w = self.window(max_ops=2)
+        objs = [{"i": i} for i in range(5)]
+        for obj in objs:
+            w.add(*entry(obj))
+        self.clock.advance(0.5)
+        self.assertEqual(self.published, [
+            ([entry(objs[0]), entry(objs[1])], []),
+            ([entry(objs[2]), entry(objs[3])], []),
+            ([entry(objs[4])], []),
+        ])
+        self.assertEqual(len(w), 0)
+
+    def test_hold_and_release(self) -> None:
+        w = self.window()
+        w.add(*entry(A))
+        w.hold()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        w.add(*entry(B))
+        self.clock.advance(10)
+        w.flush()
+        self.assertEqual(self.published, [])
+        self.assertEqual(len(w), 2)
+        w.release()
+        self.assertEqual(self.published, [])
+        self.clock.advance(0.5)
+        self.assertEqual(self.published, [([entry(A), entry(B)], [])])
+
+    def test_release_with_nothing_pending(self) -> None:
+        w = self.window()
+        w.hold()
+        w.release()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        w.add(*entry(A))
+        self.clock.advance(0.5)
+        self.assertEqual(self.published, [([entry(A)], [])])
+
+    def test_flush(self) -> None:
+        w = self.window()
+        w.add(*entry(A))
+        w.flush()
+        self.assertEqual(self.published, [([entry(A)], [])])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(1)
+        self.assertEqual(len(self.published), 1)
+
+    def test_stop_cancels(self) -> None:
+        w = self.window()
+        w.add(*entry(A))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        w.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(1)
+        self.assertEqual(self.published, [])
+
+    def test_window_feeds_replica(self) -> None:
+        """
+        The window's publish is the replica's publish: adds and removes of
+        one window reach a follower as one batch.
+        """
+        net = network("main")
+        signer = signer_for(net)
+        master = new_replica(net)
+        follower = new_replica(net)
+        frames: list[bytes] = []
+
+        def publish(adds: list, removes: list) -> None:
+            result = master.publish(signer, adds, removes)
+            if result is not None:
+                frames.append(result[1])
+
+        w = BatchWindow(self.clock, 0.1, 100, publish)
+        w.add(*entry(A))
+        w.add(*entry(B))
+        w.remove(h(A))
+        self.clock.advance(0.1)
+        w.add(*entry(C))
+        w.remove(h(B))
+        self.clock.advance(0.1)
+        self.assertEqual(len(frames), 2)
+        for frame in frames:
+            follower.apply_batch(decode_batch(frame))
+        self.assertEqual(follower.table.hashes(), [h(C)])
+        self.assertEqual(follower.head, master.head)
+        self.assertEqual(follower.head.rev, 2)
