@@ -253,3 +253,30 @@ async def test_node_with_another_key_cannot_link_or_inject(logs):
     finally:
         await intruder.stopService()
         await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_listener_accepts_both_families():
+    """
+    Without an interface, a node listens on every address of both families:
+    peers reach it at 127.0.0.1 and at ::1 on the same port.
+    """
+    reactor = _reactor()
+    key = crypto.generate_network_key()
+    hub = DistributedTable(port=0, key=key, master=True, reactor=reactor, **FAST)
+    hub.startService()
+    port = await hub.when_listening()
+    v4 = DistributedTable(port=0, key=key, peers=[f"127.0.0.1:{port}"], reactor=reactor,
+                          interface="127.0.0.1", **FAST)
+    v6 = DistributedTable(port=0, key=key, peers=[f"[::1]:{port}"], reactor=reactor,
+                          interface="::1", **FAST)
+    try:
+        v4.startService()
+        v6.startService()
+        h = hub.add_object({"both": "families"})
+        await wait_for_all([v4, v6], lambda n: h in n)
+        assert {link.transport.getPeer().host for link in hub.links} >= {"::1"}
+        assert len(hub.links) == 2
+    finally:
+        for node in (v6, v4, hub):
+            await node.stopService()
