@@ -96,6 +96,7 @@ class Config:
     # Frames and buffers.
     hello_max_frame: int = attrs.field(default=16 * 1024, validator=_positive)
     max_frame: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
+    send_queue_limit: int = attrs.field(default=256 * 1024 * 1024, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.reconnect_max_delay < self.reconnect_initial_delay:

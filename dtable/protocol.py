@@ -14,15 +14,16 @@ node's business (L{ILinkHub}); this module knows nothing of tables or policy.
 from __future__ import annotations
 
 import itertools
+import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from automat import MethodicalMachine
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.basic import Int32StringReceiver, StringTooLongError
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -82,6 +83,55 @@ class ILinkHub(Interface):
         """
         The peer broke the contract; the connection is being closed.
         """
+
+
+@implementer(IPushProducer)
+class SendQueue:
+    """
+    The outbound side of one link: writes go straight to the transport while
+    it keeps up; when the transport asks its producer to pause, frames wait
+    here, and a peer that lets more than C{limit} bytes pile up is dropped
+    rather than allowed to grow this node's memory.
+
+    A separate object from the protocol, because a protocol's own
+    pauseProducing/resumeProducing are about the inbound side.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], limit: int,
+                 overflow: Callable[[int], None]) -> None:
+        self._write = write
+        self._limit = limit
+        self._overflow = overflow
+        self._queue: deque[bytes] = deque()
+        self.queued_bytes = 0
+        self.paused = False
+        self._stopped = False
+
+    def send(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        if not self.paused and not self._queue:
+            self._write(data)
+            return
+        self._queue.append(data)
+        self.queued_bytes += len(data)
+        if self.queued_bytes > self._limit:
+            self._overflow(self.queued_bytes)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while self._queue and not self.paused and not self._stopped:
+            data = self._queue.popleft()
+            self.queued_bytes -= len(data)
+            self._write(data)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._queue.clear()
+        self.queued_bytes = 0
 
 
 @implementer(IPeerLink, IHandshakeListener)
@@ -226,6 +276,7 @@ class PeerProtocol(Int32StringReceiver):
     def _release(self, reason: str) -> None:
         self._is_lost = True
         self._stop_timers()
+        self._sender.stopProducing()
         pending, self._pending = self._pending, {}
         for d in pending.values():
             d.errback(RequestFailed(f"link lost: {reason}"))
@@ -260,6 +311,9 @@ class PeerProtocol(Int32StringReceiver):
 
     def connectionMade(self) -> None:
         self._last_heard = self.clock.seconds()
+        self._sender = SendQueue(self.transport.write, self.config.send_queue_limit,
+                                 self._send_overflow)
+        self.transport.registerProducer(self._sender, True)
         self._handshake_call = self.clock.callLater(
             self.config.handshake_timeout, self._handshake_timed_out
         )
@@ -302,6 +356,19 @@ class PeerProtocol(Int32StringReceiver):
                 self._answer(request_id, message)
                 return
         self._frame_received(message, frame)
+
+    def sendString(self, string: bytes) -> None:
+        """
+        Frame C{string} and queue it for the peer (see L{SendQueue}).
+        """
+        if len(string) > 0xFFFFFFFF:
+            raise StringTooLongError(f"a frame of {len(string)} bytes cannot be sent")
+        self._sender.send(struct.pack("!I", len(string)) + string)
+
+    def _send_overflow(self, queued: int) -> None:
+        self._violation(
+            f"peer does not read: {queued} bytes waiting, over the limit of "
+            f"{self.config.send_queue_limit}")
 
     def lengthLimitExceeded(self, length: int) -> None:
         self._violation(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}")

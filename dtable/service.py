@@ -526,10 +526,15 @@ class DistributedTable(MultiService):
         except BadHead as e:
             link.drop(f"hello carries a bad head: {e}")
             return None
-        if hello.master and self.config.master:
-            self._report(
-                f"two masters on one network: node {hello.node_id} also claims "
-                "to be the master", hello.node_id)
+        if hello.master:
+            masters = {other.hello.node_id for other in self.links if other.hello.master}
+            if self.config.master:
+                masters.add(self.node_id)
+            masters.discard(hello.node_id)
+            if masters:
+                self._report(
+                    f"two masters on one network: node {hello.node_id} claims to be "
+                    f"the master, and so does {sorted(masters)[0]}", hello.node_id)
         if link.outbound and link.address is not None:
             self.directory.record_success(link.address, hello.node_id)
             if self._primary is not None and self._primary.address == link.address:

@@ -40,6 +40,7 @@ _TUNABLES: dict[str, str] = {
     "fetch_chunk": "Objects asked for in one catch-up request.",
     "hello_max_frame": "Largest frame accepted before the hello, in bytes.",
     "max_frame": "Largest frame accepted on a live link, in bytes.",
+    "send_queue_limit": "Bytes that may wait for a slow peer before it is disconnected.",
 }
 
 _DEFAULTS = {f.name: f.default for f in attrs.fields(Config)}

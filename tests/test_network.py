@@ -280,3 +280,33 @@ async def test_default_listener_accepts_both_families():
     finally:
         for node in (v6, v4, hub):
             await node.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_masters_are_reported():
+    """
+    A second node started as master is a configuration error: both masters
+    report it through the error event and the log.
+    """
+    reactor = _reactor()
+    key = crypto.generate_network_key()
+    first = DistributedTable(port=0, key=key, master=True, reactor=reactor,
+                             interface="127.0.0.1", **FAST)
+    first_errors = Recorder()
+    first.subscribe(first_errors)
+    first.startService()
+    port = await first.when_listening()
+    other = DistributedTable(port=0, key=key, master=True, peers=[f"127.0.0.1:{port}"],
+                             reactor=reactor, interface="127.0.0.1", **FAST)
+    other_errors = Recorder()
+    other.subscribe(other_errors)
+    try:
+        other.startService()
+        await wait_for(first, lambda n: first_errors.named("error"))
+        await wait_for(other, lambda n: other_errors.named("error"))
+        assert "two masters" in first_errors.named("error")[0][0]
+        assert first_errors.named("error")[0][1] == other.node_id
+        assert "two masters" in other_errors.named("error")[0][0]
+    finally:
+        await other.stopService()
+        await first.stopService()

@@ -635,3 +635,40 @@ class FuzzTests(SynchronousTestCase):
         protocol.dataReceived(b"".join(length_prefixed(f) for f in frames))
         self.assertLessEqual(len(hub.named("violation")), 1)
         self.assertLessEqual(len(hub.named("link_down")), 1)
+
+
+class BackpressureTests(ProtocolTestMixin, SynchronousTestCase):
+    """
+    Frames wait in a capped queue while the transport has paused its
+    producer; a peer that does not read is dropped past the cap.
+    """
+
+    def test_producer_registered(self) -> None:
+        self.assertTrue(self.transport.streaming)
+        self.assertIsNotNone(self.transport.producer)
+        self.assertIsNot(self.transport.producer, self.protocol)
+
+    def test_frames_wait_while_paused_and_flow_in_order_on_resume(self) -> None:
+        self.go_live()
+        producer = self.transport.producer
+        producer.pauseProducing()
+        self.protocol.send_frame(wire.ping(1))
+        self.protocol.send_frame(wire.ping(2))
+        self.assertEqual(self.transport.value(), b"")
+        producer.resumeProducing()
+        self.assertEqual([m.id for m in self.sent_messages()], [1, 2])
+
+    def test_peer_that_does_not_read_is_dropped(self) -> None:
+        config = Config(ping_interval=1.0, send_queue_limit=1000,
+                        hello_max_frame=1024, max_frame=64 * 1024)
+        self.protocol = PeerProtocol(self.hub, self.clock, config, outbound=False)
+        self.transport = TLSStringTransport(certificate(PEER_ID))
+        self.protocol.makeConnection(self.transport)
+        self.go_live()
+        self.transport.producer.pauseProducing()
+        frame = big_message(400)
+        self.protocol.send_frame(frame)
+        self.protocol.send_frame(frame)
+        self.assertEqual(self.hub.named("violation"), [])
+        self.protocol.send_frame(frame)
+        self.assertViolation("does not read", "1000")
