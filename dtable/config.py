@@ -10,6 +10,7 @@ tests shrink them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -24,12 +25,12 @@ class ConfigError(ValueError):
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{attribute.name} must be greater than 0, not {value!r}")
 
 
 def _not_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
+    if not (value >= 0 and math.isfinite(value)):
         raise ConfigError(f"{attribute.name} must not be negative, not {value!r}")
 
 

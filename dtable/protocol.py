@@ -133,6 +133,17 @@ class SendQueue:
         self._queue.clear()
         self.queued_bytes = 0
 
+    def finish(self) -> None:
+        """
+        The link is closing politely: hand what is queued to the transport
+        (which buffers it) and queue nothing more.
+        """
+        while self._queue and not self._stopped:
+            data = self._queue.popleft()
+            self.queued_bytes -= len(data)
+            self._write(data)
+        self._stopped = True
+
 
 @implementer(IPeerLink, IHandshakeListener)
 class PeerProtocol(Int32StringReceiver):
@@ -257,6 +268,10 @@ class PeerProtocol(Int32StringReceiver):
                   peer_id=self.node_id, address=self._peer_text(), reason=reason)
         self._stop_timers()
         if self.transport is not None:
+            # A TLS transport with a registered producer does not shut down
+            # until the producer is unregistered: it would wait for the peer.
+            self._sender.finish()
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     @_machine.output()

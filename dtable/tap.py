@@ -9,7 +9,7 @@ seed's default. A bad option makes twistd print what is wrong and exit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 from twisted.python import usage
@@ -46,9 +46,24 @@ _TUNABLES: dict[str, str] = {
 _DEFAULTS = {f.name: f.default for f in attrs.fields(Config)}
 
 
+def _number(option: str, kind: type) -> Callable[[str], Any]:
+    """
+    A coerce function for C{--option} whose error names the option.
+    """
+    def coerce(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"--{option}: {text!r} is not {what}") from None
+
+    return coerce
+
+
 def _option(name: str) -> list[Any]:
     default = _DEFAULTS[name]
-    return [name.replace("_", "-"), None, default, _TUNABLES[name], type(default)]
+    option = name.replace("_", "-")
+    return [option, None, default, _TUNABLES[name], _number(option, type(default))]
 
 
 class Options(usage.Options):
@@ -64,13 +79,14 @@ class Options(usage.Options):
         ["master", "m", "This node is the master: only it adds and removes objects."],
     ]
     optParameters = [
-        ["port", "p", 9999, "TCP port to listen on for peers (0 picks a free one).", int],
+        ["port", "p", 9999, "TCP port to listen on for peers (0 picks a free one).",
+         _number("port", int)],
         ["key-file", "k", None, "File holding the network key."],
         ["interface", None, None,
          "Address to listen on (default: every address of both IPv4 and IPv6)."],
         ["debug", "d", 0,
          "Debug level: 0 none, 1 links, 2 peer selection and the clean loop, "
-         "3 every frame.", int],
+         "3 every frame.", _number("debug", int)],
     ] + [_option(name) for name in _TUNABLES]
 
     def __init__(self) -> None:

@@ -310,3 +310,25 @@ async def test_two_masters_are_reported():
     finally:
         await other.stopService()
         await first.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_stops_while_its_peers_run():
+    """
+    stopService closes the node's links, inbound ones included, without
+    waiting for its peers to hang up, and the peers notice the link is gone.
+    """
+    net = LocalNetwork(_reactor(), size=4, links={1: [0], 2: [0], 3: [1]})
+    await net.start()
+    try:
+        await wait_for(net.master, lambda n: len(n.links) == 2)
+        await wait_for(net.nodes[1], lambda n: len(n.links) == 2)
+        # Node 1 has an outbound link to the master and an inbound one from 3.
+        await net.nodes[1].stopService().addTimeout(10, _reactor())
+        assert net.nodes[1].links == []
+        await wait_for(net.nodes[3], lambda n: len(n.links) == 0)
+        await wait_for(net.master, lambda n: len(n.links) == 1)
+        h = net.master.add_object({"still": "replicating"})
+        await wait_for(net.nodes[2], lambda n: h in n)
+    finally:
+        await net.stop()
