@@ -1,0 +1,89 @@
+"""
+The dtable command line.
+
+    python -m dtable keygen [--output FILE]    print (or write) a new network key
+    python -m dtable demo [--nodes N] [--objects K]
+                                               run a small network in this process
+
+Exit codes: 0 on success, 1 when the command itself fails (the demo did not
+converge, the key file exists), 2 for a usage error. Nodes are run as
+daemons with C{twistd dtable}; see C{twistd dtable --help}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from dtable import crypto, demo
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dtable",
+        description="An encrypted, replicated table of JSON objects. "
+                    "Run a node with: twistd -n dtable --key-file net.key ...")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    keygen = commands.add_parser(
+        "keygen", help="make a new network key",
+        description="Print a new random network key. Every node of one network "
+                    "needs the same key; keep it secret.")
+    keygen.add_argument(
+        "-o", "--output", metavar="FILE",
+        help="write the key to FILE, readable by its owner only, instead of "
+             "printing it; FILE must not exist")
+
+    demo_parser = commands.add_parser(
+        "demo", help="run a small network of nodes in this process",
+        description="Start a few nodes on 127.0.0.1, let the master add and "
+                    "remove objects and one node send a message, then print "
+                    "what replicated where. Exits 0 once every node holds the "
+                    "master's table and got the message, 1 if that takes longer "
+                    f"than {demo.DEFAULT_TIMEOUT:g} seconds.")
+    demo.add_arguments(demo_parser)
+    return parser
+
+
+def _keygen(output: str | None) -> int:
+    key = crypto.generate_network_key()
+    if output is None:
+        print(key, flush=True)
+        return EXIT_OK
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        print(f"python -m dtable keygen: cannot create {output}: {e.strerror}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    with os.fdopen(fd, "w", encoding="ascii") as key_file:
+        key_file.write(key + "\n")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Run the command line; returns the exit code. The demo ends the process
+    itself (it runs the reactor through L{twisted.internet.task.react}).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "keygen":
+        return _keygen(args.output)
+    if args.command == "demo":
+        from twisted.internet.task import react
+
+        react(demo.run, (args.nodes, args.objects))
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: choose a command: keygen or demo", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
