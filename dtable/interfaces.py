@@ -74,31 +74,82 @@ class IStore(Interface):
     Durable storage of a node's table and its head.
 
     A store holds one state: a head (a L{dtable.wire.Head}) and the canonical
-    bytes of every object, by hash. Every change moves it from one state to
-    the next atomically: after a crash it holds either the state before a
-    call or the state after it, never a mix. Nothing is written before
-    open() or after close().
+    bytes of every object, by hash. It is the only place the objects' bytes
+    live; the in-memory table keeps just their hashes. Every change moves it
+    from one state to the next atomically: after a crash at any moment it
+    holds either the whole state before a L{commit} or the whole state after
+    it, never a mix.
+
+    A hash is the object's sha256 as 64 lowercase hex digits. A method given
+    anything else raises C{ValueError} and changes nothing. The store does
+    not check that the bytes hash to their hash, nor that the head's root
+    matches the stored hashes: that is its caller's job.
+
+    Every method but L{open} and L{close} raises
+    L{dtable.store.StoreClosed} before L{open} or after L{close}. An iterable
+    returned by L{hashes} or L{items} must be consumed or dropped before the
+    next L{commit} or L{close}; what it yields after one is undefined.
     """
 
     def open() -> None:
         """
-        Make the stored state readable. Called once, before anything else.
+        Make the stored state readable, creating whatever is missing (a new
+        store holds revision 0 and no objects). Called once, before anything
+        else; a closed store may be opened again.
+
+        @raise dtable.store.StoreError: if the storage cannot be read or was
+            not written by a compatible version of dtable.
         """
 
     def head():
         """
-        The stored head; revision 0 with the empty root for a new store.
+        The stored head, a L{dtable.wire.Head}: revision 0 with the empty
+        root (L{dtable.table.EMPTY_ROOT}) for a new store.
+        """
+
+    def count() -> int:
+        """
+        How many objects are stored.
+        """
+
+    def hashes():
+        """
+        An iterable of the hash of every stored object, in no particular
+        order. It is streamed: memory does not grow with the number of
+        objects beyond the hashes the caller keeps.
+        """
+
+    def get(h: str) -> bytes | None:
+        """
+        The canonical bytes of the object with hash C{h}, or None if it is
+        not stored.
+        """
+
+    def get_many(hs) -> dict[str, bytes]:
+        """
+        The canonical bytes of the objects among the hashes C{hs} (any
+        iterable) that are stored, as a dict hash -> bytes. Absent hashes are
+        left out. Suited to thousands of hashes at a time.
         """
 
     def items():
         """
-        An iterable of (hash, canonical bytes) for every stored object.
+        An iterable of (hash, canonical bytes) for every stored object, in no
+        particular order, streamed as L{hashes} is.
         """
 
-    def commit(head, adds, removes) -> None:
+    def commit(head, adds: list[tuple[str, bytes]], removes: list[str]) -> None:
         """
-        Move to C{head}: store C{adds}, a list of (hash, canonical bytes),
-        and delete C{removes}, a list of hashes, in one atomic step.
+        Move to C{head} in one atomic step: delete C{removes}, a list of
+        hashes, then store C{adds}, a list of (hash, canonical bytes).
+
+        Adding a hash that is already stored keeps the stored bytes, and
+        removing a hash that is not stored does nothing; neither is an
+        error. A hash both removed and added is stored afterwards. If
+        C{commit} raises, the store still holds the previous state, whole.
+
+        @raise ValueError: if a hash is not 64 lowercase hex digits.
+        @raise TypeError: if canonical bytes are not C{bytes}.
         """
 
     def close() -> None:

@@ -1,28 +1,71 @@
 """
 Storage of a node's table and head behind L{IStore}.
 
-This module owns how a state is kept. L{MemoryStore} keeps it in memory,
-for tests and for nodes that rebuild from the network at every start; it can
-be handed to a new node in the same process to model a node that restarts
-with what it had. It knows nothing of sockets or of the network.
+This module owns how a state is kept: the head and the canonical bytes of
+every object, by hash. The store is the only place those bytes live; the
+in-memory table (L{dtable.table.Table}) keeps just the hashes and the Merkle
+trie, and L{dtable.replication.Replica} moves table and store together.
+
+L{SqliteStore} keeps the state in one SQLite file, the default for a node
+(L{default_data_dir}, L{DB_NAME}). L{MemoryStore} keeps it in memory, for
+tests and for nodes that rebuild from the network at every start; it can be
+handed to a new node in the same process to model a node that restarts with
+what it had.
+
+It knows nothing of sockets, the network, signatures or Merkle roots: it
+stores the head it is given and does not check it against the objects.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import itertools
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
 
 from zope.interface import implementer
 
+from dtable.canonical import HASH_RE
 from dtable.interfaces import IStore
-from dtable.table import root_of
+from dtable.table import EMPTY_ROOT
 from dtable.wire import Head
+
+__all__ = [
+    "DB_NAME",
+    "SCHEMA_VERSION",
+    "MemoryStore",
+    "SqliteStore",
+    "StoreClosed",
+    "StoreError",
+    "default_data_dir",
+    "empty_head",
+]
+
+DB_NAME = "table.sqlite3"
+"""The name of a node's SQLite file inside its data directory."""
+
+SCHEMA_VERSION = 1
+"""The layout of the SQLite file this version writes, in C{PRAGMA user_version}."""
+
+_IN_LIMIT = 500
+"""The most hashes one C{IN (...)} query carries."""
+
+_match_hash = HASH_RE.fullmatch
+
+
+def default_data_dir(port: int) -> str:
+    """
+    The data directory of a node listening on C{port} that was given none:
+    C{dtable-<port>} in the current directory.
+    """
+    return os.path.join(os.getcwd(), f"dtable-{port}")
 
 
 def empty_head() -> Head:
     """
     The head of a table the master never published to.
     """
-    return Head(rev=0, base=0, root=root_of([]))
+    return Head(rev=0, base=0, root=EMPTY_ROOT)
 
 
 class StoreClosed(Exception):
@@ -31,11 +74,47 @@ class StoreClosed(Exception):
     """
 
 
+class StoreError(Exception):
+    """
+    The storage cannot be used: it cannot be opened or read, it is not a
+    dtable store, it was written by a newer version, or a write failed.
+
+    @ivar path: the file concerned.
+    @ivar reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot use the store {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _check_hash(h: object) -> str:
+    """
+    @return: C{h}, if it is a hash (64 lowercase hex digits).
+    @raise ValueError: if it is not.
+    """
+    if type(h) is not str or _match_hash(h) is None:
+        raise ValueError(f"not a hash: {h!r:.80}")
+    return h
+
+
+def _check_data(data: object) -> bytes:
+    """
+    @return: C{data}, if it is bytes.
+    @raise TypeError: if it is not.
+    """
+    if type(data) is not bytes:
+        raise TypeError(f"canonical bytes must be bytes, not {type(data).__name__}")
+    return data
+
+
 @implementer(IStore)
 class MemoryStore:
     """
-    An IStore in memory. Commits are atomic because they cannot be
-    interrupted halfway.
+    An IStore in memory: a dict from hash to canonical bytes. A commit is
+    atomic because it checks every argument before it changes anything and
+    cannot be interrupted halfway. Nothing survives the process.
     """
 
     def __init__(self) -> None:
@@ -50,17 +129,37 @@ class MemoryStore:
         self._check()
         return self._head
 
-    def items(self) -> Iterable[tuple[str, bytes]]:
+    def count(self) -> int:
         self._check()
-        return list(self._data.items())
+        return len(self._data)
+
+    def hashes(self) -> Iterator[str]:
+        self._check()
+        return iter(self._data)
+
+    def get(self, h: str) -> bytes | None:
+        self._check()
+        return self._data.get(_check_hash(h))
+
+    def get_many(self, hs: Iterable[str]) -> dict[str, bytes]:
+        self._check()
+        data = self._data
+        return {h: data[h] for h in map(_check_hash, hs) if h in data}
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        self._check()
+        return iter(self._data.items())
 
     def commit(
         self, head: Head, adds: list[tuple[str, bytes]], removes: list[str]
     ) -> None:
         self._check()
+        removes = [_check_hash(h) for h in removes]
+        adds = [(_check_hash(h), _check_data(data)) for h, data in adds]
         for h in removes:
             self._data.pop(h, None)
-        self._data.update(adds)
+        for h, data in adds:
+            self._data.setdefault(h, data)
         self._head = head
 
     def close(self) -> None:
@@ -69,3 +168,271 @@ class MemoryStore:
     def _check(self) -> None:
         if not self._open:
             raise StoreClosed("the store is not open")
+
+
+_SCHEMA = (
+    """
+    CREATE TABLE objects (
+        hash BLOB PRIMARY KEY CHECK (length(hash) = 32),
+        data BLOB NOT NULL
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE head (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        rev INTEGER NOT NULL,
+        base INTEGER NOT NULL,
+        root TEXT NOT NULL,
+        sig TEXT NOT NULL,
+        master TEXT NOT NULL
+    )
+    """,
+)
+
+_SET_HEAD = (
+    "INSERT OR REPLACE INTO head (id, rev, base, root, sig, master) "
+    "VALUES (0, ?, ?, ?, ?, ?)"
+)
+
+
+def _key(h: str) -> bytes:
+    """
+    The stored form of a hash: its 32 raw bytes.
+
+    @raise ValueError: if C{h} is not a hash.
+    """
+    return bytes.fromhex(_check_hash(h))
+
+
+def _row(h: str, data: bytes) -> tuple[bytes, bytes]:
+    return _key(h), _check_data(data)
+
+
+@implementer(IStore)
+class SqliteStore:
+    """
+    An IStore in one SQLite file.
+
+    Objects are rows of a C{WITHOUT ROWID} table keyed by the hash's 32 raw
+    bytes, so the key is stored once and the bytes sit next to it; the head
+    is the one row of a second table. The layout's version is the file's
+    C{PRAGMA user_version} (L{SCHEMA_VERSION}); a file from a newer version
+    is refused rather than misread.
+
+    Each L{commit} is one SQLite transaction (C{BEGIN IMMEDIATE} ...
+    C{COMMIT}). The file is in write-ahead-log mode with C{synchronous=NORMAL}:
+    after the process crashes at any moment the file holds exactly the state
+    of the last completed commit. After a power loss or an operating-system
+    crash it may have lost the newest commits (they were in the log but not
+    yet synced), but it still holds one whole committed state, never a mix;
+    a node in that case is behind and catches up like any other.
+
+    The store is used from one thread, the one that opened it.
+
+    @ivar path: the SQLite file.
+    """
+
+    def __init__(self, path: str) -> None:
+        """
+        @param path: the SQLite file; it and its directory are created by
+            L{open} if missing. Nothing is read or written here.
+        """
+        self.path = os.fspath(path)
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    def in_directory(cls, data_dir: str) -> SqliteStore:
+        """
+        The store of a node whose data directory is C{data_dir}.
+        """
+        return cls(os.path.join(data_dir, DB_NAME))
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.path!r})"
+
+    # Opening and closing ------------------------------------------------------
+
+    def open(self) -> None:
+        """
+        Open the file, creating it, its directory and its tables if missing.
+        Opening an open store does nothing.
+
+        @raise StoreError: if the directory cannot be created, the file
+            cannot be read or is not a dtable store, or it was written by a
+            newer version of dtable.
+        """
+        if self._db is not None:
+            return
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        except OSError as e:
+            raise StoreError(self.path, f"cannot create its directory: {e}") from e
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(self.path, f"cannot open it: {e}") from e
+        try:
+            self._prepare(db)
+        except sqlite3.Error as e:
+            db.close()
+            raise StoreError(self.path, f"not a readable dtable store: {e}") from e
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """
+        Check the file's version, switch it to write-ahead logging and
+        create the tables of a new file.
+        """
+        # Read the version before writing anything, so that a file from a
+        # newer version is left exactly as it was.
+        version = self._version(db)
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(self.path, f"write-ahead logging is not available "
+                                        f"(journal mode {mode!r})")
+        db.execute("PRAGMA synchronous=NORMAL")
+        if version == 0:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have created it since the first look.
+                if self._version(db) == 0:
+                    self._create(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        if db.execute("SELECT count(*) FROM head WHERE id = 0").fetchone()[0] != 1:
+            raise StoreError(self.path, "it has no head")
+
+    def _version(self, db: sqlite3.Connection) -> int:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                self.path,
+                f"it was written by a newer version of dtable (schema version "
+                f"{version}; this version reads up to {SCHEMA_VERSION})",
+            )
+        return version
+
+    def _create(self, db: sqlite3.Connection) -> None:
+        if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StoreError(self.path, "it is an SQLite file of something else "
+                                        "(it holds tables but no dtable schema version)")
+        for statement in _SCHEMA:
+            db.execute(statement)
+        head = empty_head()
+        db.execute(_SET_HEAD, (head.rev, head.base, head.root, head.sig, head.master))
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        """
+        Close the file. Idempotent; the store may be opened again.
+        """
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    # Reading ------------------------------------------------------------------
+
+    def head(self) -> Head:
+        row = self._query("SELECT rev, base, root, sig, master FROM head WHERE id = 0"
+                          ).fetchone()
+        if row is None:
+            raise StoreError(self.path, "it has no head")
+        rev, base, root, sig, master = row
+        return Head(rev=rev, base=base, root=root, sig=sig, master=master)
+
+    def count(self) -> int:
+        return self._query("SELECT count(*) FROM objects").fetchone()[0]
+
+    def hashes(self) -> Iterator[str]:
+        return self._hashes(self._query("SELECT hash FROM objects"))
+
+    def _hashes(self, cursor: sqlite3.Cursor) -> Iterator[str]:
+        try:
+            for (key,) in cursor:
+                yield key.hex()
+        except sqlite3.Error as e:
+            raise self._failed("reading", e) from e
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        return self._items(self._query("SELECT hash, data FROM objects"))
+
+    def _items(self, cursor: sqlite3.Cursor) -> Iterator[tuple[str, bytes]]:
+        try:
+            for key, data in cursor:
+                yield key.hex(), data
+        except sqlite3.Error as e:
+            raise self._failed("reading", e) from e
+
+    def get(self, h: str) -> bytes | None:
+        self._open_db()
+        key = _key(h)
+        row = self._query("SELECT data FROM objects WHERE hash = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def get_many(self, hs: Iterable[str]) -> dict[str, bytes]:
+        db = self._open_db()
+        keys = map(_key, hs)
+        found: dict[str, bytes] = {}
+        try:
+            while chunk := list(itertools.islice(keys, _IN_LIMIT)):
+                marks = ",".join("?" * len(chunk))
+                for key, data in db.execute(
+                    f"SELECT hash, data FROM objects WHERE hash IN ({marks})", chunk
+                ):
+                    found[key.hex()] = data
+        except sqlite3.Error as e:
+            raise self._failed("reading", e) from e
+        return found
+
+    # Writing ------------------------------------------------------------------
+
+    def commit(
+        self, head: Head, adds: list[tuple[str, bytes]], removes: list[str]
+    ) -> None:
+        """
+        See L{IStore.commit}.
+
+        @raise StoreError: if SQLite fails (a full disk, an I/O error); the
+            transaction is rolled back.
+        """
+        db = self._open_db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM objects WHERE hash = ?",
+                               ((_key(h),) for h in removes))
+                db.executemany("INSERT OR IGNORE INTO objects (hash, data) VALUES (?, ?)",
+                               (_row(h, data) for h, data in adds))
+                db.execute(_SET_HEAD,
+                           (head.rev, head.base, head.root, head.sig, head.master))
+                db.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back on some errors.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise self._failed("writing", e) from e
+
+    # Helpers ------------------------------------------------------------------
+
+    def _open_db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreClosed(f"the store {self.path!r} is not open")
+        return self._db
+
+    def _query(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        db = self._open_db()
+        try:
+            return db.execute(sql, params)
+        except sqlite3.Error as e:
+            raise self._failed("reading", e) from e
+
+    def _failed(self, doing: str, e: sqlite3.Error) -> StoreError:
+        return StoreError(self.path, f"{doing} failed: {e}")

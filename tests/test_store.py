@@ -1,0 +1,429 @@
+"""
+Tests for L{dtable.store}: the L{IStore} contract, kept by both
+L{MemoryStore} and L{SqliteStore}, and what only the SQLite file does:
+surviving a reopen, write-ahead logging, rolling back a failed commit and
+refusing files it cannot read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from dtable.canonical import canonical_bytes, hash_bytes
+from dtable.interfaces import IStore
+from dtable.store import (
+    DB_NAME,
+    SCHEMA_VERSION,
+    MemoryStore,
+    SqliteStore,
+    StoreClosed,
+    StoreError,
+    default_data_dir,
+    empty_head,
+)
+from dtable.table import EMPTY_ROOT, root_of
+from dtable.wire import Head
+
+SIG = "5" * 128
+MASTER = "6" * 64
+
+
+def entry(n: int) -> tuple[str, bytes]:
+    """
+    The (hash, canonical bytes) of a small object numbered C{n}.
+    """
+    data = canonical_bytes({"n": n, "name": f"object {n}"})
+    return hash_bytes(data), data
+
+
+def entries(*ns: int) -> list[tuple[str, bytes]]:
+    return [entry(n) for n in ns]
+
+
+def head_of(rev: int, hashes: list[str]) -> Head:
+    return Head(rev=rev, base=rev - 1, root=root_of(hashes), sig=SIG, master=MASTER)
+
+
+ABSENT = entry(-1)[0]
+
+
+class StoreContract:
+    """
+    The L{IStore} contract. A subclass is a SynchronousTestCase that
+    provides C{new_store()}, returning a store that is not open yet.
+    """
+
+    def new_store(self) -> Any:
+        raise NotImplementedError
+
+    def opened(self) -> Any:
+        store = self.new_store()
+        store.open()
+        self.addCleanup(store.close)
+        return store
+
+    def state(self, store: Any) -> tuple[Head, list[tuple[str, bytes]]]:
+        return store.head(), sorted(store.items())
+
+    def commit(self, store: Any, rev: int, adds: list[tuple[str, bytes]],
+               removes: Iterable[str] = ()) -> Head:
+        """
+        Commit C{adds} and C{removes} with a head whose root is that of the
+        resulting set, as a node would.
+        """
+        after = (set(store.hashes()) - set(removes)) | {h for h, _ in adds}
+        head = head_of(rev, sorted(after))
+        store.commit(head, adds, list(removes))
+        return head
+
+    def test_interface(self) -> None:
+        verifyObject(IStore, self.new_store())
+
+    def test_new_store(self) -> None:
+        """
+        A new store is at revision 0 with the empty root and no objects.
+        """
+        store = self.opened()
+        self.assertEqual(store.head(), Head(rev=0, base=0, root=EMPTY_ROOT))
+        self.assertEqual(store.head(), empty_head())
+        self.assertEqual(store.count(), 0)
+        self.assertEqual(list(store.hashes()), [])
+        self.assertEqual(list(store.items()), [])
+        self.assertIsNone(store.get(ABSENT))
+        self.assertEqual(store.get_many([ABSENT]), {})
+
+    def test_commit_and_read_back(self) -> None:
+        store = self.opened()
+        adds = entries(1, 2, 3)
+        head = self.commit(store, 1, adds)
+        self.assertEqual(store.head(), head)
+        self.assertEqual(store.count(), 3)
+        self.assertEqual(sorted(store.hashes()), sorted(h for h, _ in adds))
+        self.assertEqual(sorted(store.items()), sorted(adds))
+        for h, data in adds:
+            self.assertEqual(store.get(h), data)
+        self.assertIsNone(store.get(ABSENT))
+        self.assertEqual(store.get_many([adds[0][0], ABSENT, adds[2][0]]),
+                         dict([adds[0], adds[2]]))
+        self.assertEqual(store.get_many([]), {})
+        self.assertEqual(root_of(store.hashes()), store.head().root)
+
+    def test_iterables_are_streamed(self) -> None:
+        """
+        hashes() and items() return iterators, not lists built in advance.
+        """
+        store = self.opened()
+        self.commit(store, 1, entries(1, 2))
+        for iterable in (store.hashes(), store.items()):
+            self.assertIs(iter(iterable), iterable)
+
+    def test_get_many_thousands(self) -> None:
+        """
+        get_many takes any iterable of more hashes than one query carries
+        and returns exactly the stored ones among them.
+        """
+        store = self.opened()
+        stored = entries(*range(0, 2400, 2))
+        self.commit(store, 1, stored)
+        asked = (entry(n)[0] for n in range(2400))
+        self.assertEqual(store.get_many(asked), dict(stored))
+
+    def test_removes_and_re_adds(self) -> None:
+        store = self.opened()
+        a, b, c, d = entries(1, 2, 3, 4)
+        self.commit(store, 1, [a, b, c])
+        head = self.commit(store, 2, [d], [a[0], c[0]])
+        self.assertEqual(self.state(store), (head, sorted([b, d])))
+        self.assertIsNone(store.get(a[0]))
+        self.assertEqual(store.count(), 2)
+        head = self.commit(store, 3, [a], [])
+        self.assertEqual(self.state(store), (head, sorted([a, b, d])))
+        head = self.commit(store, 4, [], [a[0], b[0], d[0]])
+        self.assertEqual(self.state(store), (head, []))
+        self.assertEqual(store.count(), 0)
+
+    def test_add_present_keeps_bytes(self) -> None:
+        """
+        Adding a hash that is stored is a no-op: the stored bytes stay.
+        """
+        store = self.opened()
+        a = entry(1)
+        self.commit(store, 1, [a])
+        head = head_of(2, [a[0]])
+        store.commit(head, [(a[0], b"other bytes")], [])
+        self.assertEqual(self.state(store), (head, [a]))
+
+    def test_duplicate_adds(self) -> None:
+        store = self.opened()
+        a = entry(1)
+        head = head_of(1, [a[0]])
+        store.commit(head, [a, a], [])
+        self.assertEqual(self.state(store), (head, [a]))
+
+    def test_remove_absent(self) -> None:
+        """
+        Removing a hash that is not stored is a no-op.
+        """
+        store = self.opened()
+        a = entry(1)
+        self.commit(store, 1, [a])
+        head = head_of(2, [a[0]])
+        store.commit(head, [], [ABSENT, ABSENT])
+        self.assertEqual(self.state(store), (head, [a]))
+
+    def test_remove_and_add_same_hash(self) -> None:
+        """
+        Removes come first: a hash both removed and added is stored after.
+        """
+        store = self.opened()
+        a = entry(1)
+        self.commit(store, 1, [a])
+        head = head_of(2, [a[0]])
+        store.commit(head, [a], [a[0]])
+        self.assertEqual(self.state(store), (head, [a]))
+
+    def test_empty_commit_moves_head(self) -> None:
+        store = self.opened()
+        self.commit(store, 1, entries(1))
+        head = Head(rev=7, base=1, root=store.head().root, sig=SIG, master=MASTER)
+        store.commit(head, [], [])
+        self.assertEqual(store.head(), head)
+
+    def test_malformed_hash_refused(self) -> None:
+        """
+        A hash that is not 64 lowercase hex digits raises ValueError; a
+        commit holding one changes nothing.
+        """
+        store = self.opened()
+        self.commit(store, 1, entries(1, 2))
+        before = self.state(store)
+        good = entry(3)
+        for bad in ["zz" * 32, ABSENT.upper(), ABSENT[:-1], ABSENT + "0", "", b"x" * 64, None]:
+            with self.subTest(bad=bad):
+                with self.assertRaises(ValueError):
+                    store.commit(head_of(2, []), [good, (bad, b"{}")], [])
+                with self.assertRaises(ValueError):
+                    store.commit(head_of(2, []), [good], [entry(1)[0], bad])
+                self.assertEqual(self.state(store), before)
+                with self.assertRaises(ValueError):
+                    store.get(bad)
+                with self.assertRaises(ValueError):
+                    store.get_many([ABSENT, bad])
+
+    def test_data_must_be_bytes(self) -> None:
+        store = self.opened()
+        self.commit(store, 1, entries(1))
+        before = self.state(store)
+        h, data = entry(2)
+        for bad in (data.decode(), bytearray(data), None):
+            with self.subTest(bad=bad):
+                with self.assertRaises(TypeError):
+                    store.commit(head_of(2, []), [entry(3), (h, bad)], [entry(1)[0]])
+                self.assertEqual(self.state(store), before)
+
+    def assertAllClosed(self, store: Any) -> None:
+        h = entry(1)[0]
+        calls = [
+            store.head, store.count, store.hashes, store.items,
+            lambda: store.get(h), lambda: store.get_many([h]),
+            lambda: store.commit(head_of(1, [h]), [entry(1)], []),
+        ]
+        for call in calls:
+            with self.assertRaises(StoreClosed):
+                call()
+
+    def test_before_open(self) -> None:
+        self.assertAllClosed(self.new_store())
+
+    def test_after_close(self) -> None:
+        store = self.opened()
+        self.commit(store, 1, entries(1))
+        store.close()
+        self.assertAllClosed(store)
+
+    def test_close_idempotent(self) -> None:
+        store = self.new_store()
+        store.close()
+        store.open()
+        store.close()
+        store.close()
+        self.assertAllClosed(store)
+
+    def test_open_again(self) -> None:
+        """
+        A closed store opened again holds what it held.
+        """
+        store = self.opened()
+        head = self.commit(store, 1, entries(1, 2))
+        store.close()
+        store.open()
+        self.assertEqual(self.state(store), (head, sorted(entries(1, 2))))
+
+
+class MemoryStoreTests(StoreContract, SynchronousTestCase):
+    def new_store(self) -> MemoryStore:
+        return MemoryStore()
+
+
+def temp_dir(case: SynchronousTestCase) -> str:
+    path = tempfile.mkdtemp(prefix="dtable-store-")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+class SqliteStoreTests(StoreContract, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = temp_dir(self)
+        self.path = os.path.join(self.dir, "data", DB_NAME)
+
+    def new_store(self) -> SqliteStore:
+        return SqliteStore(self.path)
+
+    def sqlite(self) -> sqlite3.Connection:
+        """
+        A separate connection to the file, for looking inside it.
+        """
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        return db
+
+    def test_constructor_does_no_io(self) -> None:
+        store = self.new_store()
+        self.assertEqual(store.path, self.path)
+        self.assertFalse(os.path.exists(os.path.dirname(self.path)))
+
+    def test_open_creates_directories(self) -> None:
+        self.path = os.path.join(self.dir, "a", "b", "c", DB_NAME)
+        self.opened()
+        self.assertTrue(os.path.isfile(self.path))
+
+    def test_in_directory(self) -> None:
+        store = SqliteStore.in_directory(self.dir)
+        self.assertEqual(store.path, os.path.join(self.dir, DB_NAME))
+
+    def test_default_data_dir(self) -> None:
+        self.assertEqual(default_data_dir(9100), os.path.join(os.getcwd(), "dtable-9100"))
+
+    def test_survives_reopen(self) -> None:
+        """
+        A new instance on the same file reads the committed state.
+        """
+        store = self.opened()
+        self.commit(store, 1, entries(1, 2, 3))
+        head = self.commit(store, 2, entries(4), [entry(2)[0]])
+        expected = self.state(store)
+        store.close()
+        again = self.opened()
+        self.assertEqual(self.state(again), expected)
+        self.assertEqual(again.head(), head)
+        self.assertEqual(again.count(), 3)
+        self.assertEqual(root_of(again.hashes()), head.root)
+
+    def test_layout(self) -> None:
+        """
+        The file is in write-ahead-log mode, carries the schema version and
+        keys objects by the hash's 32 raw bytes.
+        """
+        store = self.opened()
+        self.commit(store, 1, entries(1))
+        db = self.sqlite()
+        self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+        self.assertEqual(db.execute("SELECT hash FROM objects").fetchall(),
+                         [(bytes.fromhex(entry(1)[0]),)])
+
+    def test_failed_commit_rolls_back(self) -> None:
+        """
+        A commit that fails after it has written rows (a malformed hash
+        after hundreds of good ones, after the removes) leaves the previous
+        state whole, in this instance and in the file, and the store goes on
+        working.
+        """
+        store = self.opened()
+        self.commit(store, 1, entries(*range(100)))
+        before = self.state(store)
+        adds = entries(*range(1000, 1600)) + [("not a hash", b"{}")]
+        removes = [entry(n)[0] for n in range(50)]
+        with self.assertRaises(ValueError):
+            store.commit(head_of(2, []), adds, removes)
+        self.assertEqual(self.state(store), before)
+        store.close()
+        store = self.opened()
+        self.assertEqual(self.state(store), before)
+        head = self.commit(store, 2, entries(5000), removes)
+        self.assertEqual(store.head(), head)
+        self.assertEqual(store.count(), 51)
+
+    def test_newer_schema_refused(self) -> None:
+        """
+        A file from a newer version is refused, naming the file, and left
+        as it was.
+        """
+        store = self.opened()
+        store.close()
+        db = self.sqlite()
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        db.close()
+        with open(self.path, "rb") as f:
+            before = f.read()
+        e = self.assertRaises(StoreError, store.open)
+        self.assertIn(self.path, str(e))
+        self.assertIn("newer version", str(e))
+        self.assertEqual(e.path, self.path)
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertRaises(StoreClosed, store.head)
+
+    def test_garbage_refused(self) -> None:
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb") as f:
+            f.write(os.urandom(8192))
+        store = self.new_store()
+        e = self.assertRaises(StoreError, store.open)
+        self.assertIn(self.path, str(e))
+        self.assertIn("not a database", str(e))
+        self.assertRaises(StoreClosed, store.head)
+
+    def test_foreign_sqlite_refused(self) -> None:
+        """
+        An SQLite file that dtable did not write is refused, not adopted.
+        """
+        os.makedirs(os.path.dirname(self.path))
+        db = self.sqlite()
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.commit()
+        db.close()
+        e = self.assertRaises(StoreError, self.new_store().open)
+        self.assertIn(self.path, str(e))
+        self.assertIn("something else", str(e))
+
+    def test_directory_in_the_way(self) -> None:
+        """
+        A path that cannot be opened as a file is refused with StoreError.
+        """
+        os.makedirs(self.path)
+        e = self.assertRaises(StoreError, self.new_store().open)
+        self.assertIn(self.path, str(e))
+
+    def test_closed_names_path(self) -> None:
+        e = self.assertRaises(StoreClosed, self.new_store().head)
+        self.assertIn(self.path, str(e))
+
+    def test_two_instances_share_the_file(self) -> None:
+        """
+        A second instance reads what the first committed (as a node's
+        inspection tools would).
+        """
+        one = self.opened()
+        two = self.opened()
+        head = self.commit(one, 1, entries(1, 2))
+        self.assertEqual(self.state(two), (head, sorted(entries(1, 2))))
