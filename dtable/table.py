@@ -1,15 +1,15 @@
 """
-The table: the set of objects by hash, and the Merkle root of that set.
+The table: the set of object hashes a node holds, and the Merkle root of
+that set.
 
-This layer owns which objects a node holds, their canonical bytes, and the
-digest that proves two nodes hold the same set: a Merkle root that depends on
-the set of hashes alone, kept up to date incrementally, with the per-node
+This layer owns which objects (by hash) a node holds, and the digest that
+proves two nodes hold the same set: a Merkle root that depends on the set of
+hashes alone, kept up to date incrementally, with the per-node
 view (L{Table.node}, L{Table.children}, L{Table.leaf_hashes}) that lets two
 nodes find where their sets differ by walking both trees from the root.
 
 It knows nothing of sockets, time, revisions, signatures, storage or events;
-it trusts its caller to pass each object with its own canonical bytes and
-their hash (see L{dtable.canonical}).
+the objects' bytes live in the node's store (L{dtable.interfaces.IStore}).
 
 The tree
 ========
@@ -45,7 +45,7 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
-from dtable.canonical import HASH_RE, JSONObject, is_hash
+from dtable.canonical import HASH_RE, is_hash
 
 __all__ = [
     "EMPTY_ROOT",
@@ -234,44 +234,29 @@ def root_of(hashes: Iterable[str]) -> str:
 
 class Table:
     """
-    A set of JSON objects keyed by hash, with an incrementally maintained
-    Merkle root of the set of hashes.
+    A set of object hashes with an incrementally maintained Merkle root.
 
-    Each object is held once, as given (not copied), with its canonical
-    bytes. The table does not re-derive hashes: the caller passes
-    C{(hash, object, bytes)} triples made by L{dtable.canonical} and is
-    responsible for their agreement, and must not mutate an object it added.
-    Iteration order over hashes is unspecified; L{hashes} and L{objects}
-    return hash order.
+    The table holds hashes only: the objects' bytes live in the node's store
+    (L{dtable.interfaces.IStore}), so memory per object is a hash and its
+    place in the trie. It does not re-derive hashes: the caller passes hashes
+    made by L{dtable.canonical}. Iteration order is unspecified; L{hashes}
+    returns hash order.
     """
 
     def __init__(self) -> None:
-        self._objects: dict[str, JSONObject] = {}
-        self._data: dict[str, bytes] = {}
+        self._members: set[str] = set()
         self._root = _Node([])
 
     # -- the set --------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._objects)
+        return len(self._members)
 
     def __contains__(self, h: object) -> bool:
-        return h in self._objects
+        return h in self._members
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._objects)
-
-    def get(self, h: str) -> JSONObject | None:
-        """
-        The object with hash C{h}, or C{None} if the table does not hold it.
-        """
-        return self._objects.get(h)
-
-    def data(self, h: str) -> bytes | None:
-        """
-        The canonical bytes of the object with hash C{h}, or C{None}.
-        """
-        return self._data.get(h)
+        return iter(self._members)
 
     def hashes(self) -> list[str]:
         """
@@ -281,84 +266,61 @@ class Table:
         _collect(self._root, into)
         return into
 
-    def objects(self) -> list[JSONObject]:
+    def add(self, h: str) -> bool:
         """
-        Every object in the table, in the order of their hashes.
-        """
-        objects = self._objects
-        return [objects[h] for h in self.hashes()]
+        Add a hash.
 
-    def add(self, h: str, obj: JSONObject, data: bytes) -> bool:
-        """
-        Add an object.
-
-        @param h: its hash, C{hash_bytes(data)}.
-        @param obj: the object.
-        @param data: its canonical bytes.
         @return: C{True} if it was added, C{False} if the table already held
             C{h} (nothing changes).
         @raise ValueError: if C{h} is not 64 lowercase hex digits.
         """
-        if h in self._objects:
+        if h in self._members:
             return False
         if type(h) is not str or _match_hash(h) is None:
             raise ValueError(f"not a hash: {h!r}")
-        self._objects[h] = obj
-        self._data[h] = data
+        self._members.add(h)
         self._insert(h)
         return True
 
-    def remove(self, h: str) -> JSONObject | None:
+    def remove(self, h: str) -> bool:
         """
-        Remove the object with hash C{h}.
+        Remove a hash.
 
-        @return: the object removed, or C{None} if the table did not hold
-            C{h} (nothing changes).
+        @return: C{True} if it was removed, C{False} if the table did not
+            hold C{h} (nothing changes).
         """
-        obj = self._objects.pop(h, None)
-        if obj is None:
-            return None
-        del self._data[h]
+        if h not in self._members:
+            return False
+        self._members.discard(h)
         self._discard(h)
-        return obj
+        return True
 
-    def apply(
-        self,
-        adds: Iterable[tuple[str, JSONObject, bytes]],
-        removes: Iterable[str],
-    ) -> tuple[list[JSONObject], list[JSONObject]]:
+    def apply(self, adds: Iterable[str], removes: Iterable[str]) -> tuple[list[str], list[str]]:
         """
         Apply a change: first every remove, then every add.
 
         All hashes to add are checked before anything changes, so an invalid
         one leaves the table as it was.
 
-        @param adds: C{(hash, object, canonical bytes)} triples.
-        @param removes: hashes.
-        @return: C{(added, removed)}: the objects actually added and those
-            actually removed, in the order given; adds of objects already
-            held and removes of absent hashes are left out. An object both
-            removed and added again appears in both.
+        @return: C{(added, removed)}: the hashes actually added and those
+            actually removed, in the order given; adds of hashes already
+            held and removes of absent ones are left out. A hash both removed
+            and added again appears in both.
         @raise ValueError: if a hash to add is not 64 lowercase hex digits.
         """
         to_add = list(adds)
-        for h, _, _ in to_add:
+        for h in to_add:
             if not is_hash(h):
                 raise ValueError(f"not a hash: {h!r}")
-        removed: list[JSONObject] = []
-        for h in removes:
-            obj = self.remove(h)
-            if obj is not None:
-                removed.append(obj)
-        added = [obj for h, obj, data in to_add if self.add(h, obj, data)]
+        removed = [h for h in removes if self.remove(h)]
+        added = [h for h in to_add if self.add(h)]
         return added, removed
 
     def clear(self) -> None:
         """
-        Remove every object.
+        Remove every hash.
         """
-        self._objects.clear()
-        self._data.clear()
+        self._members.clear()
         self._root = _Node([])
 
     # -- the tree -------------------------------------------------------

@@ -85,7 +85,7 @@ def reference_root(hashes: Iterable[str], prefix: str = "") -> str:
 def table_of(hashes: Iterable[str]) -> Table:
     table = Table()
     for h in hashes:
-        table.add(h, {"h": h}, b"")
+        table.add(h)
     return table
 
 
@@ -151,34 +151,27 @@ def reconcile(a: Table, b: Table, prefix: str = "") -> tuple[set[str], set[str],
 
 class TableSetTests(SynchronousTestCase):
     """
-    The table as a set of objects.
+    The table as a set of hashes.
     """
 
     def test_add(self) -> None:
-        """
-        add stores the object and its bytes under its hash.
-        """
         table = Table()
-        h, obj, data = entry({"name": "www"})
-        self.assertTrue(table.add(h, obj, data))
+        h = entry({"name": "www"})[0]
+        self.assertTrue(table.add(h))
         self.assertEqual(len(table), 1)
         self.assertIn(h, table)
-        self.assertIs(table.get(h), obj)
-        self.assertEqual(table.data(h), data)
         self.assertEqual(list(table), [h])
         self.assertEqual(table.hashes(), [h])
-        self.assertEqual(table.objects(), [obj])
 
     def test_add_present(self) -> None:
         """
-        Adding a hash the table holds is a no-op that keeps the first object.
+        Adding a hash the table holds is a no-op.
         """
         table = Table()
-        h, obj, data = entry({"name": "www"})
-        table.add(h, obj, data)
+        h = entry({"name": "www"})[0]
+        table.add(h)
         root = table.root()
-        self.assertFalse(table.add(h, {"name": "www"}, data))
-        self.assertIs(table.get(h), obj)
+        self.assertFalse(table.add(h))
         self.assertEqual(len(table), 1)
         self.assertEqual(table.root(), root)
 
@@ -187,41 +180,34 @@ class TableSetTests(SynchronousTestCase):
         A malformed hash is refused and changes nothing.
         """
         table = Table()
-        h, obj, data = entry({"a": 1})
+        h = entry({"a": 1})[0]
         for bad in [h.upper(), h[:-1], h + "0", "", b"x" * 64]:
             with self.assertRaises(ValueError):
-                table.add(bad, obj, data)  # type: ignore[arg-type]
+                table.add(bad)  # type: ignore[arg-type]
         self.assertEqual(len(table), 0)
         self.assertEqual(table.root(), EMPTY_ROOT)
 
     def test_remove(self) -> None:
         """
-        remove returns the object it removed, and None for an absent hash.
+        remove says whether it removed anything.
         """
         table = Table()
-        h, obj, data = entry({"name": "www"})
-        table.add(h, obj, data)
-        self.assertIs(table.remove(h), obj)
+        h = entry({"name": "www"})[0]
+        table.add(h)
+        self.assertTrue(table.remove(h))
         self.assertNotIn(h, table)
-        self.assertIsNone(table.get(h))
-        self.assertIsNone(table.data(h))
         self.assertEqual(len(table), 0)
-        self.assertIsNone(table.remove(h))
-        self.assertIsNone(table.remove("not a hash"))
+        self.assertFalse(table.remove(h))
+        self.assertFalse(table.remove("not a hash"))
         self.assertEqual(table.root(), EMPTY_ROOT)
 
-    def test_hashes_and_objects_sorted(self) -> None:
-        """
-        hashes() is sorted and objects() follows it.
-        """
+    def test_hashes_sorted(self) -> None:
         table = Table()
-        entries = [entry({"n": n}) for n in range(300)]
-        for h, obj, data in entries:
-            table.add(h, obj, data)
-        self.assertEqual(table.hashes(), sorted(h for h, _, _ in entries))
-        by_hash = {h: obj for h, obj, _ in entries}
-        self.assertEqual(table.objects(), [by_hash[h] for h in table.hashes()])
-        self.assertEqual(set(table), set(by_hash))
+        hashes = [entry({"n": n})[0] for n in range(300)]
+        for h in hashes:
+            table.add(h)
+        self.assertEqual(table.hashes(), sorted(hashes))
+        self.assertEqual(set(table), set(hashes))
 
     def test_clear(self) -> None:
         """
@@ -233,7 +219,7 @@ class TableSetTests(SynchronousTestCase):
         self.assertEqual(table.hashes(), [])
         self.assertEqual(table.root(), EMPTY_ROOT)
         self.assertEqual(table.node(""), NodeSummary("empty", EMPTY_ROOT, 0))
-        table.add(POOL[0], {}, b"")
+        table.add(POOL[0])
         self.assertEqual(table.root(), root_of([POOL[0]]))
 
     def test_apply(self) -> None:
@@ -241,28 +227,25 @@ class TableSetTests(SynchronousTestCase):
         apply removes, then adds, and reports only what changed.
         """
         table = Table()
-        one, two, three = entry({"n": 1}), entry({"n": 2}), entry({"n": 3})
-        table.add(*one)
-        table.add(*two)
-        added, removed = table.apply(
-            adds=[three, one, three],
-            removes=[two[0], two[0], three[0]],
-        )
-        self.assertEqual(added, [three[1]])
-        self.assertEqual(removed, [two[1]])
-        self.assertEqual(set(table), {one[0], three[0]})
+        one, two, three = (entry({"n": n})[0] for n in (1, 2, 3))
+        table.add(one)
+        table.add(two)
+        added, removed = table.apply(adds=[three, one, three], removes=[two, two, three])
+        self.assertEqual(added, [three])
+        self.assertEqual(removed, [two])
+        self.assertEqual(set(table), {one, three})
 
     def test_apply_remove_then_add(self) -> None:
         """
-        An object removed and added in one change is there afterwards and is
+        A hash removed and added in one change is there afterwards and is
         reported both ways.
         """
         table = Table()
-        one = entry({"n": 1})
-        table.add(*one)
-        added, removed = table.apply([one], [one[0]])
-        self.assertEqual((added, removed), ([one[1]], [one[1]]))
-        self.assertIn(one[0], table)
+        one = entry({"n": 1})[0]
+        table.add(one)
+        added, removed = table.apply([one], [one])
+        self.assertEqual((added, removed), ([one], [one]))
+        self.assertIn(one, table)
 
     def test_apply_invalid_changes_nothing(self) -> None:
         """
@@ -270,12 +253,12 @@ class TableSetTests(SynchronousTestCase):
         it is applied.
         """
         table = Table()
-        one, two = entry({"n": 1}), entry({"n": 2})
-        table.add(*one)
+        one, two = entry({"n": 1})[0], entry({"n": 2})[0]
+        table.add(one)
         root = table.root()
         with self.assertRaises(ValueError):
-            table.apply([two, ("nope", {}, b"")], [one[0]])
-        self.assertEqual(set(table), {one[0]})
+            table.apply([two, "nope"], [one])
+        self.assertEqual(set(table), {one})
         self.assertEqual(table.root(), root)
 
 
@@ -358,10 +341,10 @@ class RootTests(SynchronousTestCase):
             for _ in range(steps):
                 h = rng.choice(POOL)
                 if rng.random() < add_chance:
-                    self.assertEqual(table.add(h, {}, b""), h not in present)
+                    self.assertEqual(table.add(h), h not in present)
                     present.add(h)
                 else:
-                    self.assertEqual(table.remove(h) is not None, h in present)
+                    self.assertEqual(table.remove(h), h in present)
                     present.discard(h)
             self.assertEqual(table.root(), root_of(present))
         self.assertEqual(table.root(), reference_root(present))
@@ -384,7 +367,7 @@ class RootTests(SynchronousTestCase):
             for index in range(steps):
                 h = rng.choice(pool)
                 if rng.random() < add_chance:
-                    table.add(h, {}, b"")
+                    table.add(h)
                     present.add(h)
                 else:
                     table.remove(h)
@@ -411,7 +394,7 @@ class RootTests(SynchronousTestCase):
         for _ in range(3000):
             h = rng.choice(pool)
             if rng.random() < 0.5:
-                table.add(h, {}, b"")
+                table.add(h)
                 present.add(h)
             else:
                 table.remove(h)
