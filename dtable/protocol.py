@@ -49,6 +49,12 @@ class RequestFailed(Exception):
     """
 
 
+class RequestRefused(RequestFailed):
+    """
+    The peer answered that it cannot serve the request.
+    """
+
+
 class ILinkHub(Interface):
     """
     What a connection needs from its node.
@@ -107,16 +113,20 @@ class SendQueue:
         self.paused = False
         self._stopped = False
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
+        """
+        Write C{data} or queue it; False if the link queues nothing more.
+        """
         if self._stopped:
-            return
+            return False
         if not self.paused and not self._queue:
             self._write(data)
-            return
+            return True
         self._queue.append(data)
         self.queued_bytes += len(data)
         if self.queued_bytes > self._limit:
             self._overflow(self.queued_bytes)
+        return True
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -178,6 +188,8 @@ class PeerProtocol(Int32StringReceiver):
         self._lost_waiters: list[Deferred] = []
         self._is_lost = False
         self._lost_reason = "connection lost"
+        self.bytes_sent = self.bytes_received = 0
+        self.frames_sent = self.frames_received = 0
         self.close_reason: str | None = None
         self._links_log = debug_channel("dtable.links", 1, config.debug)
         self._wire_log = debug_channel("dtable.wire", 3, config.debug)
@@ -347,6 +359,8 @@ class PeerProtocol(Int32StringReceiver):
 
     def stringReceived(self, frame: bytes) -> None:
         self._last_heard = self.clock.seconds()
+        self.bytes_received += len(frame) + 4
+        self.frames_received += 1
         try:
             message = wire.decode(frame)
         except ProtocolViolation as e:
@@ -378,7 +392,9 @@ class PeerProtocol(Int32StringReceiver):
         """
         if len(string) > 0xFFFFFFFF:
             raise StringTooLongError(f"a frame of {len(string)} bytes cannot be sent")
-        self._sender.send(struct.pack("!I", len(string)) + string)
+        if self._sender.send(struct.pack("!I", len(string)) + string):
+            self.bytes_sent += len(string) + 4
+            self.frames_sent += 1
 
     def _send_overflow(self, queued: int) -> None:
         self._violation(
@@ -459,7 +475,7 @@ class PeerProtocol(Int32StringReceiver):
             # An answer after its timeout, or to nothing we asked: harmless.
             return
         if isinstance(message, wire.Refusal):
-            d.errback(RequestFailed(f"peer refused: {message.reason}"))
+            d.errback(RequestRefused(f"peer refused: {message.reason}"))
         else:
             d.callback(message)
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import attrs
 from twisted.logger import Logger
 
 from dtable import crypto, wire
-from dtable.canonical import InvalidObjectError, canonical_bytes, hash_bytes
+from dtable.canonical import (
+    InvalidObjectError, canonical_bytes, decode_object, hash_bytes,
+)
 from dtable.interfaces import IStore
-from dtable.table import Table, root_of
+from dtable.table import EMPTY_ROOT, Table
 from dtable.wire import Head
 
 if TYPE_CHECKING:
@@ -134,34 +137,101 @@ def _encode_adds(objects: Iterable[dict]) -> list[tuple[str, dict, bytes]]:
     return out
 
 
+class BatchLog:
+    """
+    The most recent batches a node applied, as their frames, so that a peer
+    a few revisions behind gets exactly the batches it missed. Bounded by
+    C{max_batches} and C{max_bytes}; the oldest go first. The log holds one
+    unbroken run of revisions: a step that is not a batch (a state installed
+    by reconciliation) empties it.
+    """
+
+    def __init__(self, max_batches: int, max_bytes: int) -> None:
+        self._max_batches = max_batches
+        self._max_bytes = max_bytes
+        self._entries: deque[tuple[Head, bytes]] = deque()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, head: Head, frame: bytes) -> None:
+        if self._entries and self._entries[-1][0].rev != head.base:
+            self.clear()
+        self._entries.append((head, frame))
+        self.bytes += len(frame)
+        while self._entries and (len(self._entries) > self._max_batches
+                                 or self.bytes > self._max_bytes):
+            _, old = self._entries.popleft()
+            self.bytes -= len(old)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def since(self, rev: int) -> list[bytes] | None:
+        """
+        The frames of every batch after revision C{rev}, in order; None if
+        the log does not reach back to C{rev}.
+        """
+        if not self._entries:
+            return None
+        if rev < self._entries[0][0].base or rev > self._entries[-1][0].rev:
+            return None
+        return [frame for head, frame in self._entries if head.rev > rev]
+
+
 class Replica:
     """
     A node's table, its store and its head, moved only to master-signed
-    states.
+    states. The table holds the hashes; the store holds the objects.
     """
 
-    def __init__(self, table: Table, store: IStore, verifier: HeadVerifier) -> None:
+    def __init__(self, table: Table, store: IStore, verifier: HeadVerifier,
+                 log: BatchLog | None = None) -> None:
         self.table = table
         self._store = store
         self._verifier = verifier
-        self.head: Head = Head(rev=0, base=0, root=root_of([]))
+        self.log = log if log is not None else BatchLog(1000, 16 * 1024 * 1024)
+        self.head: Head = Head(rev=0, base=0, root=EMPTY_ROOT)
 
     def load(self) -> None:
         """
-        Read the stored state into the table.
+        Read the stored state's hashes into the table.
 
         @raise ValueError: if the stored objects do not match the stored head.
         """
-        from dtable.canonical import decode_object
-
         head = self._store.head()
-        for h, data in self._store.items():
-            self.table.add(h, decode_object(data), data)
+        self.table.clear()
+        for h in self._store.hashes():
+            self.table.add(h)
         if self.table.root() != head.root:
             raise ValueError(
                 f"stored table does not match its head at revision {head.rev}"
             )
         self.head = head
+
+    # Reading -----------------------------------------------------------------
+
+    def get(self, h: str) -> dict | None:
+        data = self._store.get(h) if h in self.table else None
+        return decode_object(data) if data is not None else None
+
+    def data(self, hashes: Iterable[str]) -> dict[str, bytes]:
+        return self._store.get_many(h for h in hashes if h in self.table)
+
+    def objects(self) -> list[dict]:
+        return list(self.iter_objects())
+
+    def iter_objects(self) -> Iterator[dict]:
+        """
+        Every object, streamed from the store; use it up before the next
+        step.
+        """
+        for _, data in self._store.items():
+            yield decode_object(data)
+
+    # Steps ---------------------------------------------------------------------
 
     def verify(self, head: Head) -> None:
         """
@@ -172,9 +242,10 @@ class Replica:
     def decide(self, head: Head) -> Decision:
         return merge_rule(self.head.rev, head)
 
-    def apply_batch(self, batch: wire.Batch) -> Change:
+    def apply_batch(self, batch: wire.Batch, frame: bytes | None = None) -> Change:
         """
-        Apply a batch whose base is this node's revision.
+        Apply a batch whose base is this node's revision; keep its frame
+        (rebuilt if not given) in the log.
 
         @raise BadHead: if it is not signed by the master.
         @raise BatchRejected: if it is malformed or the result does not have
@@ -191,13 +262,17 @@ class Replica:
             adds = _encode_adds(batch.adds)
         except InvalidObjectError as e:
             raise BatchRejected(f"batch {head.rev} holds an invalid object: {e}")
-        return self._step(head, adds, list(batch.removes))
+        change = self._step(head, adds, list(batch.removes))
+        if frame is None:
+            frame = wire.batch(head, [data for _, _, data in adds], list(batch.removes))
+        self.log.append(head, frame)
+        return change
 
-    def install(self, head: Head, objects: dict[str, tuple[dict, bytes]],
-                hashes: set[str]) -> Change:
+    def install(self, head: Head, adds: dict[str, tuple[dict, bytes]],
+                removes: Iterable[str]) -> Change:
         """
-        Move to a state learnt from a peer: the set C{hashes} at C{head}.
-        C{objects} holds every object of the set this table lacks.
+        Move to a state learnt from a peer: remove C{removes}, add C{adds}
+        (hash -> (object, canonical bytes)), and check the result is C{head}.
 
         @raise BadHead: if C{head} is not signed by the master.
         @raise BatchRejected: if the result would not have the signed root,
@@ -208,16 +283,10 @@ class Replica:
             raise BatchRejected(
                 f"state {head.rev} is not newer than this node's {self.head.rev}"
             )
-        removes = [h for h in self.table if h not in hashes]
-        adds = []
-        for h in hashes:
-            if h not in self.table:
-                try:
-                    obj, data = objects[h]
-                except KeyError:
-                    raise BatchRejected(f"object {h} of state {head.rev} is missing")
-                adds.append((h, obj, data))
-        return self._step(head, adds, removes)
+        change = self._step(head, [(h, obj, data) for h, (obj, data) in adds.items()],
+                            list(removes))
+        self.log.clear()
+        return change
 
     def publish(self, signer: HeadSigner, adds: list[tuple[str, dict, bytes]],
                 removes: list[str]) -> tuple[Change, bytes] | None:
@@ -230,26 +299,29 @@ class Replica:
         removes = [h for h in removes if h in self.table]
         if not adds and not removes:
             return None
-        added, removed = self.table.apply(adds, removes)
+        removed_data = self._store.get_many(removes)
+        self.table.apply([h for h, _, _ in adds], removes)
         rev = self.head.rev + 1
         head = signer.sign(rev, self.head.rev, self.table.root())
         self._commit(head, adds, removes)
         frame = wire.batch(head, [data for _, _, data in adds], removes)
-        return Change(head=head, added=added, removed=removed), frame
+        self.log.append(head, frame)
+        return Change(head=head, added=[obj for _, obj, _ in adds],
+                      removed=[decode_object(removed_data[h]) for h in removes]), frame
 
     def _step(self, head: Head, adds: list[tuple[str, dict, bytes]],
               removes: list[str]) -> Change:
-        added, removed = self.table.apply(adds, removes)
+        removed_data = self._store.get_many(h for h in removes if h in self.table)
+        added, removed = self.table.apply([h for h, _, _ in adds], removes)
         if self.table.root() != head.root:
             # Undo: the table is left exactly as it was.
-            undo_adds = []
-            for obj in removed:
-                data = canonical_bytes(obj)
-                undo_adds.append((hash_bytes(data), obj, data))
-            self.table.apply(undo_adds, [hash_bytes(canonical_bytes(o)) for o in added])
+            self.table.apply(removed, added)
             raise BatchRejected(f"the table root after {head.rev} is not the signed one")
-        self._commit(head, adds, removes)
-        return Change(head=head, added=added, removed=removed)
+        new = set(added)
+        adds = [a for a in adds if a[0] in new]
+        self._commit(head, adds, removed)
+        return Change(head=head, added=[obj for _, obj, _ in adds],
+                      removed=[decode_object(removed_data[h]) for h in removed])
 
     def _commit(self, head: Head, adds: list[tuple[str, dict, bytes]],
                 removes: list[str]) -> None:

@@ -12,9 +12,11 @@ close. It knows nothing of sockets or of what a message means to the node.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Union
 
 import attrs
 
@@ -121,18 +123,6 @@ class Message:
 
 
 @attrs.frozen
-class StateRequest:
-    id: int
-
-
-@attrs.frozen
-class State:
-    id: int
-    head: Head
-    hashes: tuple[str, ...]
-
-
-@attrs.frozen
 class Fetch:
     id: int
     hashes: tuple[str, ...]
@@ -150,11 +140,90 @@ class Refusal:
     reason: str
 
 
-Response = Union[Pong, State, Objects, Refusal]
+@attrs.frozen
+class LogRequest:
+    """
+    Ask for the batches after revision C{since}, from the peer's log.
+    """
+
+    id: int
+    since: int
+
+
+@attrs.frozen
+class LogEntries:
+    id: int
+    batches: tuple[Batch, ...]
+
+
+@attrs.frozen
+class TreeRequest:
+    """
+    Ask for the Merkle nodes at C{prefixes}.
+    """
+
+    id: int
+    prefixes: tuple[str, ...]
+
+
+@attrs.frozen
+class TreeNode:
+    """
+    One node of a peer's tree: its hash count, its digest and, for a node
+    above the leaves, its 16 children's digests and counts.
+    """
+
+    prefix: str
+    count: int
+    digest: bytes
+    children: tuple[tuple[bytes, int], ...] | None
+
+
+@attrs.frozen
+class TreeNodes:
+    id: int
+    head: Head
+    nodes: tuple[TreeNode, ...]
+
+
+@attrs.frozen
+class DiffRequest:
+    """
+    Compare the hashes under C{prefix}: C{have} are the short forms
+    (L{SHORT_HASH} bytes) of the asker's hashes there.
+    """
+
+    id: int
+    prefix: str
+    have: tuple[bytes, ...]
+
+
+@attrs.frozen
+class Diff:
+    """
+    The answer to a L{DiffRequest}: the full hashes the asker lacks, and the
+    short forms the asker has that the peer does not.
+    """
+
+    id: int
+    rev: int
+    missing: tuple[str, ...]
+    extra: tuple[bytes, ...]
+
+
+Response = Union[Pong, Objects, Refusal, LogEntries, TreeNodes, Diff]
 WireMessage = Union[
-    Hello, Ping, Pong, Batch, HeadAnnouncement, Message, StateRequest, State,
-    Fetch, Objects, Refusal,
+    Hello, Ping, Pong, Batch, HeadAnnouncement, Message, Fetch, Objects, Refusal, LogRequest, LogEntries, TreeRequest, TreeNodes,
+    DiffRequest, Diff,
 ]
+
+#: Bytes of a hash's short form in a diff; tree digests are truncated to
+#: DIGEST_BYTES. Both only steer the walk: the result is checked against the
+#: master-signed root.
+SHORT_HASH = 8
+DIGEST_BYTES = 16
+MAX_PREFIXES = 4096
+_PREFIX = re.compile(r"\A[0-9a-f]{0,63}\Z")
 
 
 # Field checks --------------------------------------------------------------
@@ -285,20 +354,6 @@ def _message(p: dict[str, Any]) -> Message:
     )
 
 
-def _state_request(p: dict[str, Any]) -> StateRequest:
-    _fields(p, "state?", {"id"})
-    return StateRequest(id=_int(p["id"], "id"))
-
-
-def _state(p: dict[str, Any]) -> State:
-    _fields(p, "state", {"id", "head", "hashes"})
-    return State(
-        id=_int(p["id"], "id"),
-        head=parse_head(p["head"]),
-        hashes=_hashes(p["hashes"], "hashes"),
-    )
-
-
 def _fetch(p: dict[str, Any]) -> Fetch:
     _fields(p, "fetch", {"id", "hashes"})
     return Fetch(id=_int(p["id"], "id"), hashes=_hashes(p["hashes"], "hashes"))
@@ -317,15 +372,112 @@ def _refusal(p: dict[str, Any]) -> Refusal:
     return Refusal(id=_int(p["id"], "id"), reason=reason)
 
 
+def _packed(value: Any, name: str, width: int) -> tuple[bytes, ...]:
+    if type(value) is not str or len(value) > 4 * _MAX_LIST:
+        raise ProtocolViolation(f"{name} must be a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        raise ProtocolViolation(f"{name} is not base64") from None
+    if len(raw) % width:
+        raise ProtocolViolation(f"{name} is not a whole number of {width}-byte items")
+    return tuple(raw[i:i + width] for i in range(0, len(raw), width))
+
+
+def pack(items: Iterable[bytes]) -> str:
+    return base64.b64encode(b"".join(items)).decode("ascii")
+
+
+def _prefix(value: Any, name: str) -> str:
+    return _match(value, _PREFIX, name)
+
+
+def parse_batch(value: Any) -> Batch:
+    """
+    Validate a batch given as a parsed JSON object (inside a log answer).
+    """
+    if type(value) is not dict or value.get("type") != "batch":
+        raise ProtocolViolation("log entries must be batches")
+    return _batch(value)
+
+
+def _log_request(p: dict[str, Any]) -> LogRequest:
+    _fields(p, "log?", {"id", "since"})
+    return LogRequest(id=_int(p["id"], "id"), since=_int(p["since"], "since"))
+
+
+def _log_entries(p: dict[str, Any]) -> LogEntries:
+    _fields(p, "log", {"id", "batches"})
+    batches = tuple(parse_batch(b) for b in _list(p["batches"], "batches"))
+    for previous, batch in zip(batches, batches[1:]):
+        if batch.head.base != previous.head.rev:
+            raise ProtocolViolation("log batches are not consecutive")
+    return LogEntries(id=_int(p["id"], "id"), batches=batches)
+
+
+def _tree_request(p: dict[str, Any]) -> TreeRequest:
+    _fields(p, "tree?", {"id", "prefixes"})
+    prefixes = _list(p["prefixes"], "prefixes")
+    if len(prefixes) > MAX_PREFIXES:
+        raise ProtocolViolation(f"at most {MAX_PREFIXES} prefixes per request")
+    return TreeRequest(id=_int(p["id"], "id"),
+                       prefixes=tuple(_prefix(x, "prefix") for x in prefixes))
+
+
+def _tree_node(value: Any) -> TreeNode:
+    if type(value) is not dict:
+        raise ProtocolViolation("tree nodes must be objects")
+    _fields(value, "tree node", {"p", "n", "d", "c"})
+    digest = _packed(value["d"], "d", DIGEST_BYTES)
+    if len(digest) != 1:
+        raise ProtocolViolation("d must hold one digest")
+    children = None
+    if value["c"] is not None:
+        entry = value["c"]
+        if type(entry) is not dict:
+            raise ProtocolViolation("c must be an object or null")
+        _fields(entry, "tree children", {"d", "n"})
+        digests = _packed(entry["d"], "c.d", DIGEST_BYTES)
+        counts = _list(entry["n"], "c.n")
+        if len(digests) != 16 or len(counts) != 16:
+            raise ProtocolViolation("a node has 16 children")
+        children = tuple(zip(digests, (_int(n, "c.n") for n in counts)))
+    return TreeNode(prefix=_prefix(value["p"], "p"), count=_int(value["n"], "n"),
+                    digest=digest[0], children=children)
+
+
+def _tree_nodes(p: dict[str, Any]) -> TreeNodes:
+    _fields(p, "tree", {"id", "head", "nodes"})
+    return TreeNodes(id=_int(p["id"], "id"), head=parse_head(p["head"]),
+                     nodes=tuple(_tree_node(n) for n in _list(p["nodes"], "nodes")))
+
+
+def _diff_request(p: dict[str, Any]) -> DiffRequest:
+    _fields(p, "diff?", {"id", "prefix", "have"})
+    return DiffRequest(id=_int(p["id"], "id"), prefix=_prefix(p["prefix"], "prefix"),
+                       have=_packed(p["have"], "have", SHORT_HASH))
+
+
+def _diff(p: dict[str, Any]) -> Diff:
+    _fields(p, "diff", {"id", "rev", "missing", "extra"})
+    missing = tuple(h.hex() for h in _packed(p["missing"], "missing", 32))
+    return Diff(id=_int(p["id"], "id"), rev=_int(p["rev"], "rev"), missing=missing,
+                extra=_packed(p["extra"], "extra", SHORT_HASH))
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any]], WireMessage]] = {
+    "log?": _log_request,
+    "log": _log_entries,
+    "tree?": _tree_request,
+    "tree": _tree_nodes,
+    "diff?": _diff_request,
+    "diff": _diff,
     "hello": _hello,
     "ping": _ping,
     "pong": _pong,
     "batch": _batch,
     "head": _head,
     "msg": _message,
-    "state?": _state_request,
-    "state": _state,
     "fetch": _fetch,
     "objects": _objects_message,
     "refused": _refusal,
@@ -402,14 +554,6 @@ def message(message_id: str, origin: str, body: Any) -> bytes:
     return _encode("msg", id=message_id, origin=origin, body=body)
 
 
-def state_request(request_id: int) -> bytes:
-    return _encode("state?", id=request_id)
-
-
-def state(request_id: int, head: Head, hashes: list[str]) -> bytes:
-    return _encode("state", id=request_id, head=head.to_json(), hashes=hashes)
-
-
 def fetch(request_id: int, hashes: list[str]) -> bytes:
     return _encode("fetch", id=request_id, hashes=hashes)
 
@@ -425,10 +569,57 @@ def refusal(request_id: int, reason: str) -> bytes:
     return _encode("refused", id=request_id, reason=reason)
 
 
+def log_request(request_id: int, since: int) -> bytes:
+    return _encode("log?", id=request_id, since=since)
+
+
+def log_entries(request_id: int, batch_frames: list[bytes]) -> bytes:
+    """
+    A log answer, with each batch given as its frame bytes.
+    """
+    prefix = _dumps({"type": "log", "id": request_id})
+    return b"".join(
+        [prefix[:-1].encode("utf-8"), b',"batches":[', b",".join(batch_frames), b"]}"]
+    )
+
+
+def tree_request(request_id: int, prefixes: list[str]) -> bytes:
+    return _encode("tree?", id=request_id, prefixes=prefixes)
+
+
+def tree_node(prefix: str, count: int, digest: bytes,
+              children: list[tuple[bytes, int]] | None) -> dict[str, Any]:
+    """
+    One entry of a tree answer; digests are truncated to DIGEST_BYTES.
+    """
+    return {
+        "p": prefix,
+        "n": count,
+        "d": pack([digest[:DIGEST_BYTES]]),
+        "c": None if children is None else {
+            "d": pack(d[:DIGEST_BYTES] for d, _ in children),
+            "n": [n for _, n in children],
+        },
+    }
+
+
+def tree_nodes(request_id: int, head: Head, nodes: list[dict[str, Any]]) -> bytes:
+    return _encode("tree", id=request_id, head=head.to_json(), nodes=nodes)
+
+
+def diff_request(request_id: int, prefix: str, have: Iterable[bytes]) -> bytes:
+    return _encode("diff?", id=request_id, prefix=prefix, have=pack(have))
+
+
+def diff(request_id: int, rev: int, missing: Iterable[str], extra: Iterable[bytes]) -> bytes:
+    return _encode("diff", id=request_id, rev=rev,
+                   missing=pack(bytes.fromhex(h) for h in missing), extra=pack(extra))
+
+
 def response_id(message: WireMessage) -> int | None:
     """
     The request id a response answers, or None if C{message} is no response.
     """
-    if isinstance(message, (Pong, State, Objects, Refusal)):
+    if isinstance(message, (Pong, Objects, Refusal, LogEntries, TreeNodes, Diff)):
         return message.id
     return None

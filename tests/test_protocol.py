@@ -24,13 +24,15 @@ from zope.interface.verify import verifyObject
 from dtable import crypto, wire
 from dtable.config import Config
 from dtable.interfaces import IPeerLink
-from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed
+from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed, RequestRefused
 from dtable.store import empty_head
 from dtable.wire import ProtocolViolation
 
 LOCAL_ID = "00000000000000000000000000000001"
 PEER_ID = "00000000000000000000000000000002"
 OTHER_ID = "00000000000000000000000000000003"
+
+BATCH_HEAD = wire.Head(rev=1, base=0, root="ab" * 32, sig="ef" * 64, master="12" * 32)
 
 CONFIG = Config(
     ping_interval=1.0,
@@ -61,6 +63,13 @@ def length_prefixed(payload: bytes) -> bytes:
 
 def peer_hello(node_id: str = PEER_ID, role: str = "link") -> bytes:
     return wire.hello(node_id, 10000, role, False, empty_head())
+
+
+def log_request(request_id: int) -> bytes:
+    """
+    Some request: the batches since revision 0.
+    """
+    return wire.log_request(request_id, 0)
 
 
 def big_message(size: int) -> bytes:
@@ -489,15 +498,42 @@ class LiveLinkTests(ProtocolTestMixin, SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_request_answered(self) -> None:
-        d = self.protocol.request(wire.state_request)
+        d = self.protocol.request(log_request)
         [request] = self.sent_messages()
-        assert isinstance(request, wire.StateRequest)
+        assert isinstance(request, wire.LogRequest)
+        self.assertEqual(request.since, 0)
         self.assertNoResult(d)
-        self.feed(wire.state(request.id + 1000, empty_head(), []))
+        self.feed(wire.log_entries(request.id + 1000, []))
         self.assertNoResult(d)
-        self.feed(wire.state(request.id, empty_head(), ["a" * 64]))
-        self.assertEqual(self.successResultOf(d),
-                         wire.State(id=request.id, head=empty_head(), hashes=("a" * 64,)))
+        batch = wire.batch(BATCH_HEAD, [b'{"a":1}'], [])
+        self.feed(wire.log_entries(request.id, [batch]))
+        self.assertEqual(
+            self.successResultOf(d),
+            wire.LogEntries(id=request.id, batches=(
+                wire.Batch(head=BATCH_HEAD, adds=({"a": 1},), removes=()),)),
+        )
+        self.assertEqual(self.hub.named("frame_received"), [])
+
+    def test_tree_and_diff_answers(self) -> None:
+        """
+        Tree and diff answers go to their requests, not to the node.
+        """
+        tree = self.protocol.request(lambda i: wire.tree_request(i, [""]))
+        diff = self.protocol.request(lambda i: wire.diff_request(i, "a", [b"12345678"]))
+        tree_request, diff_request = self.sent_messages()
+        self.assertEqual(tree_request.prefixes, ("",))
+        self.assertEqual(diff_request.have, (b"12345678",))
+        self.feed(wire.diff(diff_request.id, 3, ["a" * 64], []))
+        self.feed(wire.tree_nodes(tree_request.id, empty_head(),
+                                  [wire.tree_node("", 0, bytes(32), None)]))
+        self.assertEqual(self.successResultOf(diff),
+                         wire.Diff(id=diff_request.id, rev=3, missing=("a" * 64,), extra=()))
+        self.assertEqual(
+            self.successResultOf(tree),
+            wire.TreeNodes(id=tree_request.id, head=empty_head(), nodes=(
+                wire.TreeNode(prefix="", count=0, digest=bytes(wire.DIGEST_BYTES),
+                              children=None),)),
+        )
         self.assertEqual(self.hub.named("frame_received"), [])
 
     def test_request_ids_are_distinct(self) -> None:
@@ -517,14 +553,18 @@ class LiveLinkTests(ProtocolTestMixin, SynchronousTestCase):
         self.assertEqual(self.successResultOf(d1).objects, ({"a": 1},))
 
     def test_request_refused(self) -> None:
-        d = self.protocol.request(wire.state_request)
+        d = self.protocol.request(log_request)
         [request] = self.sent_messages()
         self.feed(wire.refusal(request.id, "too busy"))
-        failure = self.failureResultOf(d, RequestFailed)
+        failure = self.failureResultOf(d, RequestRefused)
         self.assertIn("too busy", failure.getErrorMessage())
+        # Callers that handle any failed request handle a refusal too.
+        self.assertIsInstance(failure.value, RequestFailed)
+        self.assertEqual(self.hub.named("frame_received"), [])
+        self.assertTrue(self.protocol.is_live)
 
     def test_request_timeout(self) -> None:
-        d = self.protocol.request(wire.state_request)
+        d = self.protocol.request(log_request)
         [request] = self.sent_messages()
         self.clock.advance(CONFIG.request_timeout - 0.5)
         self.assertNoResult(d)
@@ -533,18 +573,22 @@ class LiveLinkTests(ProtocolTestMixin, SynchronousTestCase):
         self.clock.advance(1)
         failure = self.failureResultOf(d, RequestFailed)
         self.assertIn("timed out", failure.getErrorMessage())
-        # A late answer is harmless.
-        self.feed(wire.state(request.id, empty_head(), []))
+        self.assertNotIsInstance(failure.value, RequestRefused)
+        # A late answer, or a late refusal, is harmless.
+        self.feed(wire.log_entries(request.id, []))
+        self.feed(wire.refusal(request.id, "too late"))
         self.assertEqual(self.hub.named("violation"), [])
+        self.assertEqual(self.hub.named("frame_received"), [])
 
     def test_connection_lost_fails_pending_requests(self) -> None:
-        requests = [self.protocol.request(wire.state_request) for _ in range(3)]
+        requests = [self.protocol.request(log_request) for _ in range(3)]
         self.lose(ConnectionLost("gone"))
         for d in requests:
             failure = self.failureResultOf(d, RequestFailed)
             self.assertIn("link lost", failure.getErrorMessage())
+            self.assertNotIsInstance(failure.value, RequestRefused)
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertRaises(RequestFailed, self.protocol.request, wire.state_request)
+        self.assertRaises(RequestFailed, self.protocol.request, log_request)
 
     def test_link_down_once_on_loss(self) -> None:
         self.lose(ConnectionLost("gone"))
@@ -586,6 +630,47 @@ class LiveLinkTests(ProtocolTestMixin, SynchronousTestCase):
         self.lose()
         self.protocol.send_frame(wire.ping(6))
         self.assertEqual(self.sent(), [])
+
+
+class TrafficCountTests(ProtocolTestMixin, SynchronousTestCase):
+    """
+    A link counts the frames and bytes it sends and receives, length
+    prefixes included.
+    """
+
+    def test_new_link_counts_nothing(self) -> None:
+        self.assertEqual((self.protocol.frames_sent, self.protocol.bytes_sent,
+                          self.protocol.frames_received, self.protocol.bytes_received),
+                         (0, 0, 0, 0))
+
+    def test_counts(self) -> None:
+        self.handshake()
+        written = len(self.transport.value())
+        self.assertEqual(self.protocol.frames_sent, 1)
+        self.assertEqual(self.protocol.bytes_sent, written)
+        self.feed(peer_hello())
+        self.assertEqual(self.protocol.frames_received, 1)
+        self.assertEqual(self.protocol.bytes_received, len(length_prefixed(peer_hello())))
+        received = self.protocol.bytes_received
+
+        message = wire.message("m", PEER_ID, {"x": "ü"})
+        self.feed(wire.ping(4), message)
+        self.protocol.send_frame(message)
+        self.assertEqual(self.protocol.frames_received, 3)
+        self.assertEqual(self.protocol.bytes_received,
+                         received + len(length_prefixed(wire.ping(4)))
+                         + len(length_prefixed(message)))
+        # The hello, the pong and the message.
+        self.assertEqual(self.protocol.frames_sent, 3)
+        self.assertEqual(self.protocol.bytes_sent, len(self.transport.value()))
+
+    def test_frame_that_breaks_the_schema_is_counted(self) -> None:
+        self.go_live()
+        self.feed(b"[1, 2")
+        self.assertViolation("not UTF-8 JSON")
+        self.assertEqual(self.protocol.frames_received, 2)
+        self.assertEqual(self.protocol.bytes_received,
+                         len(length_prefixed(peer_hello())) + len(length_prefixed(b"[1, 2")))
 
 
 class RefusedLinkTests(ProtocolTestMixin, SynchronousTestCase):

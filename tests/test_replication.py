@@ -20,6 +20,7 @@ from dtable.canonical import canonical_bytes, hash_bytes
 from dtable.interfaces import IStore
 from dtable.replication import (
     BadHead,
+    BatchLog,
     BatchRejected,
     BatchWindow,
     Decision,
@@ -241,6 +242,20 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.assertEqual(self.master_store.head(), change.head)
         self.assertEqual(dict(self.master_store.items()),
                          {h(A): canonical_bytes(A), h(B): canonical_bytes(B)})
+        # Kept in the log for peers a little behind.
+        self.assertEqual(self.master.log.since(0), [frame])
+
+    def test_publish_reports_removed_objects(self) -> None:
+        self.publish([A, B, C], [])
+        result = self.master.publish(self.signer, [entry(D)], [h(A), h(C)])
+        assert result is not None
+        change, frame = result
+        self.assertEqual(change.added, [D])
+        self.assertEqual(change.removed, [A, C])
+        self.assertEqual(dict(self.master_store.items()),
+                         {h(B): canonical_bytes(B), h(D): canonical_bytes(D)})
+        self.assertEqual(self.master.log.since(1), [frame])
+        self.assertEqual(len(self.master.log), 2)
 
     def test_publish_nothing(self) -> None:
         self.assertIsNone(self.master.publish(self.signer, [], []))
@@ -267,8 +282,35 @@ class PublishAndApplyTests(SynchronousTestCase):
             self.assertEqual(change.removed, removes)
             self.assertSameState(self.follower, self.follower_store)
         self.assertEqual(self.follower.head.rev, 3)
-        self.assertEqual(self.follower.table.objects(),
-                         sorted([D, A], key=h))
+        self.assertEqual(sorted(self.follower.objects(), key=h), sorted([D, A], key=h))
+
+    def test_applied_batches_are_logged(self) -> None:
+        """
+        A follower logs the frame it was given, or rebuilds the very same
+        bytes from the batch.
+        """
+        first = self.publish([A, B], [])
+        second = self.publish([C], [A])
+        self.follower.apply_batch(decode_batch(first), first)
+        self.assertIs(self.follower.log.since(0)[0], first)
+        self.follower.apply_batch(decode_batch(second))
+        self.assertEqual(self.follower.log.since(0), [first, second])
+        self.assertEqual(self.follower.log.since(1), [second])
+        self.assertEqual(self.follower.log.since(2), [])
+
+    def test_reads_go_through_the_store(self) -> None:
+        frame = self.publish([A, B], [])
+        self.follower.apply_batch(decode_batch(frame))
+        self.assertEqual(self.follower.get(h(A)), A)
+        self.assertIsNone(self.follower.get(h(C)))
+        self.assertEqual(self.follower.data([h(A), h(B), h(C)]),
+                         {h(A): canonical_bytes(A), h(B): canonical_bytes(B)})
+        self.assertEqual(self.follower.data([]), {})
+        self.assertEqual(sorted(self.follower.objects(), key=h), sorted([A, B], key=h))
+        self.follower.apply_batch(decode_batch(self.publish([], [A])))
+        self.assertIsNone(self.follower.get(h(A)))
+        self.assertEqual(self.follower.data([h(A)]), {})
+        self.assertIsNone(self.follower_store.get(h(A)))
 
     def test_batch_frame_is_relayed_unchanged(self) -> None:
         """
@@ -288,6 +330,7 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.assertEqual(self.follower.decide(batch.head), Decision.DUPLICATE)
         self.assertRaises(BatchRejected, self.follower.apply_batch, batch)
         self.assertSameState(self.follower, self.follower_store)
+        self.assertEqual(len(self.follower.log), 1)
 
     def test_base_not_this_revision(self) -> None:
         self.publish([A], [])
@@ -296,6 +339,7 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.assertIn("starts at 1", e.reason)
         self.assertEqual(self.follower.table.hashes(), [])
         self.assertEqual(self.follower.head, empty_head())
+        self.assertEqual(len(self.follower.log), 0)
 
     def test_unsigned_batch(self) -> None:
         other = HeadSigner(self.net.network_id, Ed25519PrivateKey.generate())
@@ -304,9 +348,12 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.assertRaises(BadHead, self.follower.apply_batch, batch)
         self.assertEqual(len(self.follower.table), 0)
         self.assertEqual(self.follower.head, empty_head())
+        self.assertEqual(self.follower_store.count(), 0)
+        self.assertEqual(len(self.follower.log), 0)
 
     def test_wrong_root_leaves_table_unchanged(self) -> None:
-        self.follower.apply_batch(decode_batch(self.publish([A, B, C], [])))
+        logged = self.publish([A, B, C], [])
+        self.follower.apply_batch(decode_batch(logged))
         hashes = self.follower.table.hashes()
         root = self.follower.table.root()
         head = self.follower.head
@@ -319,11 +366,14 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.assertEqual(self.follower.table.hashes(), hashes)
         self.assertEqual(self.follower.table.root(), root)
         self.assertEqual(self.follower.head, head)
-        self.assertEqual(self.follower.table.objects(), sorted([A, B, C], key=h))
+        self.assertEqual(sorted(self.follower.objects(), key=h), sorted([A, B, C], key=h))
         for obj in (A, B, C):
-            self.assertEqual(self.follower.table.data(h(obj)), canonical_bytes(obj))
+            self.assertEqual(self.follower.get(h(obj)), obj)
+            self.assertEqual(self.follower.data([h(obj)]), {h(obj): canonical_bytes(obj)})
+        self.assertIsNone(self.follower.get(h(D)))
         self.assertEqual(self.follower_store.head(), head)
         self.assertEqual(sorted(self.follower_store.items()), stored)
+        self.assertEqual(self.follower.log.since(0), [logged])
 
     def test_wrong_root_with_remove_and_readd(self) -> None:
         """
@@ -337,6 +387,24 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.assertRaises(BatchRejected, self.follower.apply_batch, batch)
         self.assertEqual(self.follower.table.hashes(), sorted([h(A), h(B)]))
         self.assertEqual(self.follower.table.root(), root)
+        self.assertEqual(self.follower.get(h(A)), A)
+        self.assertEqual(self.follower_store.get(h(A)), canonical_bytes(A))
+        self.assertEqual(self.follower_store.head().rev, 1)
+
+    def test_remove_and_readd_in_one_batch(self) -> None:
+        """
+        A batch that removes an object and adds it again keeps it, and
+        reports both steps.
+        """
+        self.follower.apply_batch(decode_batch(self.publish([A, B], [])))
+        head = self.signer.sign(2, 1, self.follower.table.root())
+        change = self.follower.apply_batch(
+            wire.Batch(head=head, adds=(A,), removes=(h(A),)))
+        self.assertEqual(change.added, [A])
+        self.assertEqual(change.removed, [A])
+        self.assertEqual(self.follower.table.hashes(), sorted([h(A), h(B)]))
+        self.assertEqual(self.follower_store.get(h(A)), canonical_bytes(A))
+        self.assertEqual(self.follower_store.head(), head)
 
     def test_invalid_object(self) -> None:
         head = self.signer.sign(1, 0, EMPTY_ROOT)
@@ -348,7 +416,8 @@ class PublishAndApplyTests(SynchronousTestCase):
 
 class InstallTests(SynchronousTestCase):
     """
-    A state learnt from a peer replaces the table with exactly that set.
+    A state learnt from a peer: the removes and adds that turn this node's
+    set into the peer's, checked against the peer's signed head.
     """
 
     def setUp(self) -> None:
@@ -364,68 +433,131 @@ class InstallTests(SynchronousTestCase):
     def objects_for(self, *objs: dict) -> dict[str, tuple[dict, bytes]]:
         return {h(o): (o, canonical_bytes(o)) for o in objs}
 
+    def assertUnchanged(self) -> None:
+        """
+        The replica and its store still hold revision 1 with A and B.
+        """
+        self.assertEqual(self.replica.table.hashes(), sorted([h(A), h(B)]))
+        self.assertEqual(self.replica.table.root(), root_of([h(A), h(B)]))
+        self.assertEqual(self.replica.head.rev, 1)
+        self.assertEqual(self.store.head(), self.replica.head)
+        self.assertEqual(dict(self.store.items()),
+                         {h(A): canonical_bytes(A), h(B): canonical_bytes(B)})
+
     def test_install_moves_to_exactly_the_set(self) -> None:
         hashes = {h(B), h(C), h(D)}
         head = self.signer.sign(5, 4, root_of(hashes))
-        change = self.replica.install(head, self.objects_for(C, D), hashes)
+        change = self.replica.install(head, self.objects_for(C, D), [h(A)])
         self.assertEqual(set(self.replica.table.hashes()), hashes)
         self.assertNotIn(h(A), self.replica.table)
         self.assertEqual(self.replica.head, head)
         self.assertEqual(change.head, head)
         self.assertEqual(change.removed, [A])
         self.assertEqual(sorted(change.added, key=h), sorted([C, D], key=h))
+        # The stale object is gone from the store too.
         self.assertEqual(dict(self.store.items()),
                          {x: canonical_bytes(o) for x, o in
                           ((h(B), B), (h(C), C), (h(D), D))})
+        self.assertIsNone(self.store.get(h(A)))
+        self.assertIsNone(self.replica.get(h(A)))
+        self.assertEqual(self.replica.get(h(D)), D)
         self.assertEqual(self.store.head(), head)
 
     def test_install_empty_state(self) -> None:
         head = self.signer.sign(2, 1, EMPTY_ROOT)
-        change = self.replica.install(head, {}, set())
+        change = self.replica.install(head, {}, [h(A), h(B)])
         self.assertEqual(len(self.replica.table), 0)
         self.assertEqual(sorted(change.removed, key=h), sorted([A, B], key=h))
-        self.assertEqual(self.store.items(), [])
+        self.assertEqual(change.added, [])
+        self.assertEqual(list(self.store.items()), [])
+        self.assertEqual(self.store.head(), head)
+
+    def test_install_ignores_ops_that_change_nothing(self) -> None:
+        """
+        Adds of objects already held and removes of absent ones are not in
+        the change, and the held objects' bytes stay as stored.
+        """
+        hashes = {h(A), h(B), h(C)}
+        head = self.signer.sign(3, 2, root_of(hashes))
+        change = self.replica.install(head, self.objects_for(B, C), [h(D)])
+        self.assertEqual(change.added, [C])
+        self.assertEqual(change.removed, [])
+        self.assertEqual(set(self.replica.table.hashes()), hashes)
+        self.assertEqual(self.store.count(), 3)
+
+    def test_install_empties_the_log(self) -> None:
+        """
+        An installed state is no batch: the log starts a new run after it.
+        """
+        self.assertEqual(len(self.replica.log), 1)
+        head = self.signer.sign(5, 4, root_of([h(A), h(B), h(C)]))
+        self.replica.install(head, self.objects_for(C), [])
+        self.assertEqual(len(self.replica.log), 0)
+        self.assertIsNone(self.replica.log.since(1))
+        result = self.replica.publish(self.signer, [entry(D)], [])
+        assert result is not None
+        self.assertEqual(self.replica.log.since(5), [result[1]])
+        self.assertIsNone(self.replica.log.since(4))
+
+    def test_refused_install_keeps_the_log(self) -> None:
+        logged = self.replica.log.since(0)
+        self.assertRaises(BatchRejected, self.replica.install,
+                          self.signer.sign(5, 4, root_of([h(D)])), self.objects_for(C), [])
+        self.assertEqual(self.replica.log.since(0), logged)
 
     def test_refuses_older_or_same_head(self) -> None:
-        root = self.replica.table.root()
         same = self.signer.sign(1, 0, root_of([h(C)]))
         self.assertRaises(BatchRejected, self.replica.install, same,
-                          self.objects_for(C), {h(C)})
-        self.assertEqual(self.replica.table.root(), root)
-        self.assertEqual(self.replica.head.rev, 1)
+                          self.objects_for(C), [h(A), h(B)])
+        self.assertUnchanged()
         # Move to 4, then 3 is older.
         self.replica.install(self.signer.sign(4, 3, root_of([h(C)])),
-                             self.objects_for(C), {h(C)})
+                             self.objects_for(C), [h(A), h(B)])
         e = self.assertRaises(BatchRejected, self.replica.install,
                               self.signer.sign(3, 2, root_of([h(D)])),
-                              self.objects_for(D), {h(D)})
+                              self.objects_for(D), [h(C)])
         self.assertIn("not newer", e.reason)
         self.assertEqual(self.replica.table.hashes(), [h(C)])
         self.assertEqual(self.replica.head.rev, 4)
+        self.assertEqual(dict(self.store.items()), {h(C): canonical_bytes(C)})
+        self.assertEqual(self.store.head().rev, 4)
 
     def test_refuses_unsigned_state(self) -> None:
         head = HeadSigner(self.net.network_id, Ed25519PrivateKey.generate()).sign(
             5, 4, root_of([h(C)]))
-        self.assertRaises(BadHead, self.replica.install, head, self.objects_for(C), {h(C)})
-        self.assertEqual(self.replica.table.hashes(), sorted([h(A), h(B)]))
+        self.assertRaises(BadHead, self.replica.install, head, self.objects_for(C),
+                          [h(A), h(B)])
+        self.assertUnchanged()
 
     def test_missing_object(self) -> None:
+        """
+        Adds that leave out an object of the signed state do not reach its
+        root.
+        """
         hashes = {h(C), h(D)}
         head = self.signer.sign(5, 4, root_of(hashes))
         e = self.assertRaises(BatchRejected, self.replica.install, head,
-                              self.objects_for(C), hashes)
-        self.assertIn(h(D), e.reason)
-        self.assertEqual(self.replica.table.hashes(), sorted([h(A), h(B)]))
+                              self.objects_for(C), [h(A), h(B)])
+        self.assertIn("root", e.reason)
+        self.assertUnchanged()
+
+    def test_stale_object_kept(self) -> None:
+        """
+        Removes that leave out a stale object do not reach the signed root
+        either.
+        """
+        head = self.signer.sign(5, 4, root_of([h(B), h(C)]))
+        self.assertRaises(BatchRejected, self.replica.install, head,
+                          self.objects_for(C), [])
+        self.assertUnchanged()
 
     def test_wrong_root_leaves_table_unchanged(self) -> None:
-        root = self.replica.table.root()
         head = self.signer.sign(5, 4, root_of([h(D)]))
         self.assertRaises(BatchRejected, self.replica.install, head,
-                          self.objects_for(C), {h(C)})
-        self.assertEqual(self.replica.table.hashes(), sorted([h(A), h(B)]))
-        self.assertEqual(self.replica.table.root(), root)
-        self.assertEqual(self.replica.head.rev, 1)
-        self.assertEqual(self.store.head().rev, 1)
+                          self.objects_for(C), [h(A), h(B)])
+        self.assertUnchanged()
+        self.assertEqual(self.replica.get(h(A)), A)
+        self.assertIsNone(self.replica.get(h(C)))
 
 
 class LoadTests(SynchronousTestCase):
@@ -444,7 +576,22 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(restarted.head, master.head)
         self.assertEqual(restarted.head.rev, 2)
         self.assertEqual(restarted.table.root(), master.table.root())
-        self.assertEqual(restarted.table.objects(), master.table.objects())
+        self.assertEqual(restarted.table.hashes(), master.table.hashes())
+        self.assertEqual(sorted(restarted.objects(), key=h),
+                         sorted(master.objects(), key=h))
+        self.assertEqual(restarted.get(h(D)), D)
+        self.assertIsNone(restarted.get(h(B)))
+
+    def test_load_replaces_the_table(self) -> None:
+        store = open_store()
+        signer_replica = new_replica(self.net, store)
+        signer_replica.publish(signer_for(self.net), [entry(A)], [])
+        replica = new_replica(self.net, store)
+        replica.table.add(h(B))
+        replica.load()
+        self.assertEqual(replica.table.hashes(), [h(A)])
+        replica.load()
+        self.assertEqual(replica.table.hashes(), [h(A)])
 
     def test_load_empty_store(self) -> None:
         replica = new_replica(self.net)
@@ -460,6 +607,142 @@ class LoadTests(SynchronousTestCase):
         replica = new_replica(self.net, store)
         self.assertRaises(ValueError, replica.load)
         self.assertEqual(replica.head, empty_head())
+
+
+def log_head(rev: int, base: int | None = None) -> Head:
+    """
+    The head of the batch from C{base} (by default C{rev - 1}) to C{rev}.
+    The log trusts its caller, so it need not be signed.
+    """
+    return Head(rev=rev, base=rev - 1 if base is None else base, root=EMPTY_ROOT)
+
+
+def log_frame(rev: int, size: int = 10) -> bytes:
+    """
+    A stand-in frame of C{size} bytes for the batch to C{rev}.
+    """
+    return f"{rev:0{size}d}".encode("ascii")
+
+
+class BatchLogTests(SynchronousTestCase):
+    """
+    The log of recent batch frames: one unbroken run of revisions, bounded
+    by count and by bytes.
+    """
+
+    def filled(self, log: BatchLog, revs: range, size: int = 10) -> BatchLog:
+        for rev in revs:
+            log.append(log_head(rev), log_frame(rev, size))
+        return log
+
+    def test_empty(self) -> None:
+        log = BatchLog(10, 1000)
+        self.assertEqual(len(log), 0)
+        self.assertEqual(log.bytes, 0)
+        for rev in (0, 1, 5):
+            self.assertIsNone(log.since(rev))
+
+    def test_consecutive_run(self) -> None:
+        log = self.filled(BatchLog(10, 1000), range(1, 6))
+        self.assertEqual(len(log), 5)
+        self.assertEqual(log.bytes, 50)
+        self.assertEqual(log.since(0), [log_frame(r) for r in range(1, 6)])
+        self.assertEqual(log.since(2), [log_frame(r) for r in (3, 4, 5)])
+        self.assertEqual(log.since(4), [log_frame(5)])
+
+    def test_since_newest_is_empty(self) -> None:
+        log = self.filled(BatchLog(10, 1000), range(1, 4))
+        self.assertEqual(log.since(3), [])
+
+    def test_since_beyond_newest(self) -> None:
+        log = self.filled(BatchLog(10, 1000), range(1, 4))
+        self.assertIsNone(log.since(4))
+        self.assertIsNone(log.since(100))
+
+    def test_since_before_oldest_base(self) -> None:
+        log = self.filled(BatchLog(10, 1000), range(4, 8))
+        self.assertIsNone(log.since(2))
+        self.assertIsNone(log.since(0))
+        # The oldest batch's base is the earliest revision served.
+        self.assertEqual(log.since(3), [log_frame(r) for r in range(4, 8)])
+
+    def test_bounded_by_count(self) -> None:
+        log = self.filled(BatchLog(3, 1000), range(1, 6))
+        self.assertEqual(len(log), 3)
+        self.assertEqual(log.bytes, 30)
+        self.assertIsNone(log.since(1))
+        self.assertEqual(log.since(2), [log_frame(r) for r in (3, 4, 5)])
+
+    def test_bounded_by_bytes(self) -> None:
+        log = BatchLog(100, 25)
+        log.append(log_head(1), log_frame(1))
+        log.append(log_head(2), log_frame(2))
+        self.assertEqual((len(log), log.bytes), (2, 20))
+        log.append(log_head(3), log_frame(3))
+        self.assertEqual((len(log), log.bytes), (2, 20))
+        self.assertIsNone(log.since(0))
+        self.assertEqual(log.since(1), [log_frame(2), log_frame(3)])
+        self.assertEqual(log.since(2), [log_frame(3)])
+        # A large frame pushes out as many old ones as it needs.
+        log.append(log_head(4), log_frame(4, size=20))
+        self.assertEqual((len(log), log.bytes), (1, 20))
+        self.assertEqual(log.since(3), [log_frame(4, size=20)])
+        self.assertIsNone(log.since(2))
+
+    def test_bytes_at_the_limit_are_kept(self) -> None:
+        log = self.filled(BatchLog(100, 30), range(1, 4))
+        self.assertEqual((len(log), log.bytes), (3, 30))
+        self.assertEqual(log.since(0), [log_frame(r) for r in (1, 2, 3)])
+
+    def test_frame_over_the_byte_limit_is_not_kept(self) -> None:
+        log = self.filled(BatchLog(100, 25), range(1, 3))
+        log.append(log_head(3), log_frame(3, size=26))
+        self.assertEqual((len(log), log.bytes), (0, 0))
+        self.assertIsNone(log.since(2))
+        # The next batch starts a new run.
+        log.append(log_head(4), log_frame(4))
+        self.assertEqual(log.since(3), [log_frame(4)])
+
+    def test_non_consecutive_head_starts_a_new_run(self) -> None:
+        log = self.filled(BatchLog(10, 1000), range(1, 4))
+        log.append(log_head(7), log_frame(7))
+        self.assertEqual((len(log), log.bytes), (1, 10))
+        self.assertEqual(log.since(6), [log_frame(7)])
+        self.assertIsNone(log.since(3))
+        self.assertIsNone(log.since(0))
+
+    def test_batch_spanning_revisions(self) -> None:
+        """
+        A batch whose base is the previous batch's revision continues the
+        run, however far apart their revisions are.
+        """
+        log = self.filled(BatchLog(10, 1000), range(1, 3))
+        log.append(log_head(6, base=2), log_frame(6))
+        self.assertEqual(len(log), 3)
+        self.assertEqual(log.since(2), [log_frame(6)])
+        self.assertEqual(log.since(0), [log_frame(r) for r in (1, 2, 6)])
+
+    def test_clear(self) -> None:
+        log = self.filled(BatchLog(10, 1000), range(1, 4))
+        log.clear()
+        self.assertEqual((len(log), log.bytes), (0, 0))
+        self.assertIsNone(log.since(3))
+        log.append(log_head(9), log_frame(9))
+        self.assertEqual(log.since(8), [log_frame(9)])
+
+    def test_replica_uses_the_given_log(self) -> None:
+        net = network("main")
+        log = BatchLog(2, 1 << 20)
+        replica = Replica(Table(), open_store(), verifier_for(net), log)
+        self.assertIs(replica.log, log)
+        frames = []
+        for obj in (A, B, C):
+            result = replica.publish(signer_for(net), [entry(obj)], [])
+            assert result is not None
+            frames.append(result[1])
+        self.assertEqual(len(log), 2)
+        self.assertEqual(log.since(1), frames[1:])
+        self.assertIsNone(log.since(0))
 
 
 class BatchWindowTests(SynchronousTestCase):

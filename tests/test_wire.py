@@ -6,6 +6,7 @@ reason that says what is wrong.
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -16,20 +17,28 @@ from twisted.trial.unittest import SynchronousTestCase
 from dtable import wire
 from dtable.canonical import canonical_bytes
 from dtable.wire import (
+    DIGEST_BYTES,
+    MAX_PREFIXES,
     PROTOCOL_VERSION,
+    SHORT_HASH,
     Batch,
+    Diff,
+    DiffRequest,
     Fetch,
     Head,
     HeadAnnouncement,
     Hello,
+    LogEntries,
+    LogRequest,
     Message,
     Objects,
     Ping,
     Pong,
     ProtocolViolation,
     Refusal,
-    State,
-    StateRequest,
+    TreeNode,
+    TreeNodes,
+    TreeRequest,
 )
 
 NODE = "0123456789abcdef0123456789abcdef"
@@ -42,6 +51,11 @@ HASH_B = "b" * 64
 
 SIGNED = Head(rev=5, base=4, root=ROOT, sig=SIG, master=MASTER)
 EMPTY = Head(rev=0, base=0, root=ROOT)
+
+DIGEST = bytes(range(32))
+SHORT_A = bytes.fromhex(HASH_A)[:SHORT_HASH]
+SHORT_B = bytes.fromhex(HASH_B)[:SHORT_HASH]
+CHILDREN = [(bytes([i]) * 32, i * 3) for i in range(16)]
 
 
 def head_json(**changes: Any) -> dict[str, Any]:
@@ -61,6 +75,40 @@ def hello_json(**changes: Any) -> dict[str, Any]:
 
 def frame(payload: Any) -> bytes:
     return json.dumps(payload).encode("utf-8")
+
+
+def signed(rev: int) -> Head:
+    """
+    A signed-looking head for the batch from C{rev - 1} to C{rev}.
+    """
+    return Head(rev=rev, base=rev - 1, root=ROOT, sig=SIG, master=MASTER)
+
+
+def batch_json(head: Head, **changes: Any) -> dict[str, Any]:
+    """
+    A valid batch as JSON, as it sits inside a log answer, with C{changes}
+    applied.
+    """
+    value = json.loads(wire.batch(head, [b'{"a":1}'], [HASH_A]))
+    value.update(changes)
+    return value
+
+
+def log_json(*batches: Any) -> dict[str, Any]:
+    return {"type": "log", "id": 1, "batches": list(batches)}
+
+
+def node_json(**changes: Any) -> dict[str, Any]:
+    """
+    A valid internal tree node as JSON, with C{changes} applied.
+    """
+    value = wire.tree_node("a", 48, DIGEST, CHILDREN)
+    value.update(changes)
+    return value
+
+
+def tree_json(*nodes: Any) -> dict[str, Any]:
+    return {"type": "tree", "id": 1, "head": head_json(), "nodes": list(nodes)}
 
 
 class RoundTripTests(SynchronousTestCase):
@@ -119,14 +167,108 @@ class RoundTripTests(SynchronousTestCase):
         """
         self.assertRaises(ValueError, wire.message, "m", NODE, float("nan"))
 
-    def test_state_request(self) -> None:
-        self.assertEqual(wire.decode(wire.state_request(3)), StateRequest(id=3))
+    def test_log_request(self) -> None:
+        self.assertEqual(wire.decode(wire.log_request(3, 0)), LogRequest(id=3, since=0))
+        self.assertEqual(wire.decode(wire.log_request(3, 41)), LogRequest(id=3, since=41))
 
-    def test_state(self) -> None:
+    def test_log_entries(self) -> None:
+        adds = [{"name": "www"}, {"n": ["ü"]}]
+        frames = [
+            wire.batch(signed(5), [canonical_bytes(o) for o in adds], [HASH_A]),
+            wire.batch(signed(6), [], [HASH_B]),
+            wire.batch(signed(7), [canonical_bytes(adds[0])], []),
+        ]
         self.assertEqual(
-            wire.decode(wire.state(3, SIGNED, [HASH_A, HASH_B])),
-            State(id=3, head=SIGNED, hashes=(HASH_A, HASH_B)),
+            wire.decode(wire.log_entries(3, frames)),
+            LogEntries(id=3, batches=(
+                Batch(head=signed(5), adds=tuple(adds), removes=(HASH_A,)),
+                Batch(head=signed(6), adds=(), removes=(HASH_B,)),
+                Batch(head=signed(7), adds=(adds[0],), removes=()),
+            )),
         )
+
+    def test_empty_log_entries(self) -> None:
+        self.assertEqual(wire.decode(wire.log_entries(3, [])),
+                         LogEntries(id=3, batches=()))
+
+    def test_log_batches_may_skip_revisions(self) -> None:
+        """
+        Consecutive means each batch starts where the one before ended, not
+        that revisions go up by one.
+        """
+        first = Head(rev=5, base=2, root=ROOT, sig=SIG, master=MASTER)
+        second = Head(rev=9, base=5, root=ROOT, sig=SIG, master=MASTER)
+        message = wire.decode(wire.log_entries(
+            1, [wire.batch(first, [], []), wire.batch(second, [], [])]))
+        assert isinstance(message, LogEntries)
+        self.assertEqual([b.head for b in message.batches], [first, second])
+
+    def test_tree_request(self) -> None:
+        prefixes = ["", "0", "af", "0123456789abcdef", "f" * 63]
+        self.assertEqual(wire.decode(wire.tree_request(8, prefixes)),
+                         TreeRequest(id=8, prefixes=tuple(prefixes)))
+        self.assertEqual(wire.decode(wire.tree_request(8, [])),
+                         TreeRequest(id=8, prefixes=()))
+        many = [f"{i:04x}" for i in range(MAX_PREFIXES)]
+        message = wire.decode(wire.tree_request(8, many))
+        assert isinstance(message, TreeRequest)
+        self.assertEqual(message.prefixes, tuple(many))
+
+    def test_tree_nodes(self) -> None:
+        """
+        Leaves have no children; an internal node has 16. Digests travel
+        truncated to DIGEST_BYTES.
+        """
+        nodes = [
+            wire.tree_node("", 0, bytes(32), None),
+            wire.tree_node("a", 48, DIGEST, CHILDREN),
+            wire.tree_node("f" * 63, 1, DIGEST, None),
+        ]
+        self.assertEqual(
+            wire.decode(wire.tree_nodes(6, SIGNED, nodes)),
+            TreeNodes(id=6, head=SIGNED, nodes=(
+                TreeNode(prefix="", count=0, digest=bytes(DIGEST_BYTES), children=None),
+                TreeNode(prefix="a", count=48, digest=DIGEST[:DIGEST_BYTES],
+                         children=tuple((d[:DIGEST_BYTES], n) for d, n in CHILDREN)),
+                TreeNode(prefix="f" * 63, count=1, digest=DIGEST[:DIGEST_BYTES],
+                         children=None),
+            )),
+        )
+
+    def test_empty_tree_nodes(self) -> None:
+        self.assertEqual(wire.decode(wire.tree_nodes(6, EMPTY, [])),
+                         TreeNodes(id=6, head=EMPTY, nodes=()))
+
+    def test_digests_of_exactly_digest_bytes(self) -> None:
+        digest = DIGEST[:DIGEST_BYTES]
+        message = wire.decode(wire.tree_nodes(
+            6, SIGNED, [wire.tree_node("", 2, digest, [(digest, 1)] * 16)]))
+        assert isinstance(message, TreeNodes)
+        [node] = message.nodes
+        self.assertEqual(node.digest, digest)
+        self.assertEqual(node.children, ((digest, 1),) * 16)
+
+    def test_diff_request(self) -> None:
+        self.assertEqual(
+            wire.decode(wire.diff_request(4, "ab", [SHORT_A, SHORT_B])),
+            DiffRequest(id=4, prefix="ab", have=(SHORT_A, SHORT_B)),
+        )
+        self.assertEqual(wire.decode(wire.diff_request(4, "", [])),
+                         DiffRequest(id=4, prefix="", have=()))
+
+    def test_diff(self) -> None:
+        self.assertEqual(
+            wire.decode(wire.diff(4, 12, [HASH_A, HASH_B], [SHORT_B])),
+            Diff(id=4, rev=12, missing=(HASH_A, HASH_B), extra=(SHORT_B,)),
+        )
+        self.assertEqual(wire.decode(wire.diff(4, 0, [], [])),
+                         Diff(id=4, rev=0, missing=(), extra=()))
+
+    def test_pack(self) -> None:
+        self.assertEqual(wire.pack([]), "")
+        self.assertEqual(wire.pack([b"ab", b"c"]), "YWJj")
+        self.assertEqual(base64.b64decode(wire.pack(iter([SHORT_A, SHORT_B]))),
+                         SHORT_A + SHORT_B)
 
     def test_fetch(self) -> None:
         self.assertEqual(
@@ -159,8 +301,12 @@ class RoundTripTests(SynchronousTestCase):
             "batch": wire.batch(SIGNED, [b'{"a":1}'], []),
             "head": wire.head_announcement(SIGNED),
             "msg": wire.message("m", NODE, {"x": "ü"}),
-            "state?": wire.state_request(1),
-            "state": wire.state(1, SIGNED, []),
+            "log?": wire.log_request(1, 0),
+            "log": wire.log_entries(1, [wire.batch(SIGNED, [], [])]),
+            "tree?": wire.tree_request(1, ["", "a"]),
+            "tree": wire.tree_nodes(1, SIGNED, [wire.tree_node("a", 48, DIGEST, CHILDREN)]),
+            "diff?": wire.diff_request(1, "a", [SHORT_A]),
+            "diff": wire.diff(1, 5, [HASH_A], [SHORT_B]),
             "fetch": wire.fetch(1, []),
             "objects": wire.objects(1, [b'{"a":1}']),
             "refused": wire.refusal(1, "no"),
@@ -200,17 +346,38 @@ class EmbeddedBytesTests(SynchronousTestCase):
         self.assertEqual(decoded.id, 12)
         self.assertEqual(list(decoded.objects), self.OBJECTS)
 
+    def test_log_entries_embed_batch_frames(self) -> None:
+        """
+        A log answer carries each batch frame as it was, so a node serves
+        its log without encoding anything again.
+        """
+        data = [canonical_bytes(o) for o in self.OBJECTS]
+        frames = [wire.batch(signed(5), data, [HASH_A]),
+                  wire.batch(signed(6), [], [HASH_B])]
+        built = wire.log_entries(7, frames)
+        for item in frames:
+            self.assertIn(item, built)
+        decoded = wire.decode(built)
+        assert isinstance(decoded, LogEntries)
+        self.assertEqual(decoded.id, 7)
+        self.assertEqual(list(decoded.batches), [wire.decode(f) for f in frames])
+        self.assertEqual([canonical_bytes(o) for o in decoded.batches[0].adds], data)
+
 
 class ResponseIdTests(SynchronousTestCase):
     def test_responses(self) -> None:
         self.assertEqual(wire.response_id(Pong(id=1)), 1)
-        self.assertEqual(wire.response_id(State(id=2, head=EMPTY, hashes=())), 2)
         self.assertEqual(wire.response_id(Objects(id=3, objects=())), 3)
         self.assertEqual(wire.response_id(Refusal(id=4, reason="")), 4)
+        self.assertEqual(wire.response_id(LogEntries(id=5, batches=())), 5)
+        self.assertEqual(wire.response_id(TreeNodes(id=6, head=EMPTY, nodes=())), 6)
+        self.assertEqual(wire.response_id(Diff(id=7, rev=0, missing=(), extra=())), 7)
 
     def test_not_responses(self) -> None:
-        for message in (Ping(id=1), StateRequest(id=2), Fetch(id=3, hashes=()),
-                        HeadAnnouncement(head=EMPTY)):
+        for message in (Ping(id=1), Fetch(id=3, hashes=()), HeadAnnouncement(head=EMPTY),
+                        LogRequest(id=4, since=0), TreeRequest(id=5, prefixes=("",)),
+                        DiffRequest(id=6, prefix="", have=()),
+                        Batch(head=SIGNED, adds=(), removes=())):
             self.assertIsNone(wire.response_id(message))
 
 
@@ -421,6 +588,200 @@ class RejectionTests(SynchronousTestCase):
             "revision 0",
         )
 
+    # Catch-up messages --------------------------------------------------------
+
+    def test_log_request_since(self) -> None:
+        for bad in (-1, "0", None, 1.0, True, 2**63):
+            self.assertViolation(frame({"type": "log?", "id": 1, "since": bad}),
+                                 "since must be an integer")
+        self.assertViolation(frame({"type": "log?", "id": 1}), "log?", "missing since")
+
+    def test_log_entries_not_consecutive(self) -> None:
+        for revs in ((5, 7), (5, 5), (6, 5), (5, 6, 8)):
+            self.assertViolation(
+                frame(log_json(*(batch_json(signed(rev)) for rev in revs))),
+                "log batches are not consecutive",
+            )
+        gap = [wire.batch(signed(5), [], []), wire.batch(signed(7), [], [])]
+        self.assertViolation(wire.log_entries(1, gap), "not consecutive")
+
+    def test_log_entry_not_a_batch(self) -> None:
+        untyped = batch_json(signed(5))
+        del untyped["type"]
+        for entry in (
+            json.loads(wire.ping(1)),
+            json.loads(wire.head_announcement(SIGNED)),
+            batch_json(signed(5), type="objects"),
+            untyped,
+            [batch_json(signed(5))],
+            "batch",
+            None,
+            3,
+        ):
+            self.assertViolation(frame(log_json(entry)), "log entries must be batches")
+        self.assertViolation(
+            frame(log_json(batch_json(signed(5)), json.loads(wire.pong(2)))),
+            "log entries must be batches",
+        )
+        self.assertViolation(wire.log_entries(1, [wire.ping(1)]),
+                             "log entries must be batches")
+
+    def test_log_entry_breaks_the_batch_schema(self) -> None:
+        self.assertViolation(frame(log_json(batch_json(signed(5), extra=1))),
+                             "batch", "unknown extra")
+        self.assertViolation(frame(log_json(batch_json(signed(5), remove=["x"]))),
+                             "remove is malformed")
+        self.assertViolation(frame(log_json(batch_json(signed(5), add=[1]))),
+                             "add must hold JSON objects")
+        unsigned = batch_json(signed(5))
+        unsigned["head"]["sig"] = ""
+        self.assertViolation(frame(log_json(unsigned)), "head.sig is malformed")
+        at_zero = batch_json(signed(5))
+        at_zero["head"] = EMPTY.to_json()
+        self.assertViolation(frame(log_json(at_zero)), "revision 0")
+
+    def test_log_entries_fields(self) -> None:
+        self.assertViolation(frame({"type": "log", "id": 1, "batches": {}}),
+                             "batches must be a list")
+        self.assertViolation(frame({"type": "log", "id": 1}), "log", "missing batches")
+        self.assertViolation(frame({"type": "log", "id": -1, "batches": []}),
+                             "id must be an integer")
+
+    def test_tree_prefixes(self) -> None:
+        for bad in ("a" * 64, "f" * 100, "g", "0x1", "AB", "ab ", " ", "ü", 12, None,
+                    ["a"]):
+            self.assertViolation(frame({"type": "tree?", "id": 1, "prefixes": [bad]}),
+                                 "prefix is malformed")
+            self.assertViolation(
+                frame({"type": "tree?", "id": 1, "prefixes": ["", "a", bad]}),
+                "prefix is malformed",
+            )
+        self.assertViolation(frame({"type": "tree?", "id": 1, "prefixes": "ab"}),
+                             "prefixes must be a list")
+
+    def test_too_many_prefixes(self) -> None:
+        prefixes = [f"{i:04x}" for i in range(MAX_PREFIXES + 1)]
+        self.assertViolation(wire.tree_request(1, prefixes),
+                             f"at most {MAX_PREFIXES} prefixes")
+        self.assertViolation(wire.tree_request(1, [""] * (MAX_PREFIXES + 1)),
+                             "prefixes per request")
+
+    def test_tree_node_digest(self) -> None:
+        for bad in ("!!!!", "AQ", "AQ=", "AQID\n", "ü", "a" * 22 + "="):
+            self.assertViolation(frame(tree_json(node_json(d=bad))), "d is not base64")
+        for bad in (None, 16, [wire.pack([DIGEST[:16]])]):
+            self.assertViolation(frame(tree_json(node_json(d=bad))),
+                                 "d must be a base64 string")
+        for size in (1, 15, 17, 31, 33):
+            self.assertViolation(frame(tree_json(node_json(d=wire.pack([bytes(size)])))),
+                                 f"d is not a whole number of {DIGEST_BYTES}-byte items")
+        for size in (0, 32, 48):
+            self.assertViolation(frame(tree_json(node_json(d=wire.pack([bytes(size)])))),
+                                 "d must hold one digest")
+
+    def test_tree_node_children(self) -> None:
+        digests = [d[:DIGEST_BYTES] for d, _ in CHILDREN]
+        counts = [n for _, n in CHILDREN]
+        for d, n in ((digests[:15], counts[:15]), (digests[:15], counts),
+                     (digests, counts[:15]), (digests + digests[:1], counts + [1]),
+                     ([], [])):
+            self.assertViolation(
+                frame(tree_json(node_json(c={"d": wire.pack(d), "n": n}))),
+                "a node has 16 children",
+            )
+        self.assertViolation(
+            frame(tree_json(node_json(c={"d": wire.pack(digests)[:-1], "n": counts}))),
+            "c.d is not base64",
+        )
+        self.assertViolation(
+            frame(tree_json(node_json(c={"d": wire.pack([bytes(17)] * 15), "n": counts}))),
+            "c.d is not a whole number of 16-byte items",
+        )
+        self.assertViolation(
+            frame(tree_json(node_json(c={"d": wire.pack(digests), "n": "0" * 16}))),
+            "c.n must be a list",
+        )
+        for bad in (-1, "1", None, 1.5, True):
+            self.assertViolation(
+                frame(tree_json(node_json(c={"d": wire.pack(digests),
+                                             "n": counts[:15] + [bad]}))),
+                "c.n must be an integer",
+            )
+        for bad in ([], "c", 0, [wire.pack(digests), counts]):
+            self.assertViolation(frame(tree_json(node_json(c=bad))),
+                                 "c must be an object or null")
+        self.assertViolation(
+            frame(tree_json(node_json(c={"d": wire.pack(digests), "n": counts, "x": 1}))),
+            "tree children", "unknown x",
+        )
+        self.assertViolation(frame(tree_json(node_json(c={"d": wire.pack(digests)}))),
+                             "tree children", "missing n")
+
+    def test_tree_node_fields(self) -> None:
+        for bad in ("a" * 64, "G", 5):
+            self.assertViolation(frame(tree_json(node_json(p=bad))), "p is malformed")
+        for bad in (-1, "48", None, True):
+            self.assertViolation(frame(tree_json(node_json(n=bad))), "n must be an integer")
+        node = node_json()
+        del node["c"]
+        self.assertViolation(frame(tree_json(node)), "tree node", "missing c")
+        self.assertViolation(frame(tree_json(node_json(children=None))),
+                             "tree node", "unknown children")
+        for bad in ([], "a", None, 1):
+            self.assertViolation(frame(tree_json(node_json(), bad)),
+                                 "tree nodes must be objects")
+        self.assertViolation(frame({"type": "tree", "id": 1, "head": head_json(),
+                                    "nodes": node_json()}), "nodes must be a list")
+        self.assertViolation(frame({**tree_json(), "head": head_json(sig="x")}),
+                             "head.sig is malformed")
+
+    def test_diff_request_have(self) -> None:
+        def request(have: Any, prefix: Any = "ab") -> bytes:
+            return frame({"type": "diff?", "id": 1, "prefix": prefix, "have": have})
+
+        for bad in ("!!!!!!!!!!!!", "AQ", "AQIDBAUGBwg", "AQIDBAUGBwg=\n", "ü" * 12,
+                    "AQID BAUGBwg="):
+            self.assertViolation(request(bad), "have is not base64")
+        for bad in (None, 8, [wire.pack([SHORT_A])], {"a": 1}):
+            self.assertViolation(request(bad), "have must be a base64 string")
+        for size in (1, 7, 9, 15, 17, 33):
+            self.assertViolation(request(wire.pack([bytes(size)])),
+                                 f"have is not a whole number of {SHORT_HASH}-byte items")
+        for bad in ("a" * 64, "x", "AB", None, 3):
+            self.assertViolation(request(wire.pack([SHORT_A]), prefix=bad),
+                                 "prefix is malformed")
+        self.assertEqual(wire.decode(request(wire.pack([SHORT_A]), prefix="a" * 63)),
+                         DiffRequest(id=1, prefix="a" * 63, have=(SHORT_A,)))
+
+    def test_diff_widths(self) -> None:
+        def answer(**changes: Any) -> bytes:
+            value = json.loads(wire.diff(1, 5, [HASH_A], [SHORT_B]))
+            value.update(changes)
+            return frame(value)
+
+        for size in (8, 31, 33, 63):
+            self.assertViolation(answer(missing=wire.pack([bytes(size)])),
+                                 "missing is not a whole number of 32-byte items")
+        for size in (7, 16 + 1, 32 + 4):
+            self.assertViolation(answer(extra=wire.pack([bytes(size)])),
+                                 f"extra is not a whole number of {SHORT_HASH}-byte items")
+        self.assertViolation(answer(missing="%%%%"), "missing is not base64")
+        self.assertViolation(answer(extra="AB"), "extra is not base64")
+        self.assertViolation(answer(missing=[HASH_A]), "missing must be a base64 string")
+        self.assertViolation(answer(rev=-1), "rev must be an integer")
+        self.assertViolation(answer(rev="5"), "rev must be an integer")
+        self.assertViolation(answer(extra2=""), "diff", "unknown extra2")
+
+    def test_packed_hashes_are_not_hex(self) -> None:
+        """
+        Packed fields carry raw bytes: hex text where base64 is expected is
+        read as base64 and fails the item width, not silently accepted.
+        """
+        self.assertViolation(
+            frame({"type": "diff", "id": 1, "rev": 1, "missing": HASH_A, "extra": ""}),
+            "missing is not a whole number of 32-byte items",
+        )
+
     def test_protocol_version(self) -> None:
         self.assertViolation(frame(hello_json(version=2)),
                              "protocol version 2 is not supported")
@@ -461,7 +822,8 @@ class RejectionTests(SynchronousTestCase):
 _FIELD_NAMES = [
     "type", "version", "node_id", "port", "role", "master", "head", "id",
     "hashes", "objects", "reason", "origin", "body", "add", "remove", "rev",
-    "base", "root", "sig",
+    "base", "root", "sig", "since", "batches", "prefixes", "nodes", "prefix",
+    "have", "missing", "extra", "p", "n", "d", "c",
 ]
 
 _scalars = (
@@ -470,7 +832,9 @@ _scalars = (
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=8)
-    | st.sampled_from([NODE, ROOT, SIG, MASTER, "link", "probe", "", 0, 1, PROTOCOL_VERSION])
+    | st.sampled_from([NODE, ROOT, SIG, MASTER, "link", "probe", "", 0, 1, PROTOCOL_VERSION,
+                       "batch", wire.pack([DIGEST[:DIGEST_BYTES]]), wire.pack([SHORT_A]),
+                       wire.pack([bytes(32)]), "AQ=", "a"])
 )
 
 _json = st.recursive(
@@ -492,8 +856,8 @@ _heads = st.fixed_dictionaries(
     },
 )
 
-_KINDS = ["hello", "ping", "pong", "batch", "head", "msg", "state?", "state", "fetch",
-          "objects", "refused"]
+_KINDS = ["hello", "ping", "pong", "batch", "head", "msg", "fetch", "objects",
+          "refused", "log?", "log", "tree?", "tree", "diff?", "diff"]
 
 _types = st.sampled_from(_KINDS) | _json
 
@@ -518,7 +882,8 @@ class PropertyTests(SynchronousTestCase):
         else:
             self.assertIn(type(message).__name__, {
                 "Hello", "Ping", "Pong", "Batch", "HeadAnnouncement", "Message",
-                "StateRequest", "State", "Fetch", "Objects", "Refusal",
+                "Fetch", "Objects", "Refusal", "LogRequest", "LogEntries",
+                "TreeRequest", "TreeNodes", "DiffRequest", "Diff",
             })
 
     @settings(max_examples=300, deadline=None)
