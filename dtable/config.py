@@ -11,6 +11,7 @@ tests shrink them.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import attrs
@@ -62,6 +63,10 @@ class Config:
     @ivar master: whether this node publishes the table.
     @ivar debug: the seed's debug level (0 none, 1 links, 2 peer selection and
         the clean loop, 3 every frame).
+    @ivar data_dir: where the node keeps its table (SQLite); by default
+        C{dtable-PORT} under the working directory.
+    @ivar memory: keep the table in memory only; it is rebuilt from the
+        network at every start.
     """
 
     port: int = attrs.field(default=9999, validator=_port)
@@ -69,6 +74,8 @@ class Config:
     peers: tuple[PeerAddress, ...] = attrs.field(default=(), converter=_peers)
     master: bool = False
     debug: int = attrs.field(default=0, validator=_debug)
+    data_dir: str | None = None
+    memory: bool = False
 
     # Liveness and the overlay.
     ping_interval: float = attrs.field(default=2.0, validator=_positive)
@@ -93,6 +100,8 @@ class Config:
     master_sync_timeout: float = attrs.field(default=5.0, validator=_not_negative)
     catch_up_retry: float = attrs.field(default=1.0, validator=_positive)
     fetch_chunk: int = attrs.field(default=2_000, validator=_positive)
+    log_max_batches: int = attrs.field(default=10_000, validator=_positive)
+    log_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
 
     # Frames and buffers.
     hello_max_frame: int = attrs.field(default=16 * 1024, validator=_positive)
@@ -106,6 +115,21 @@ class Config:
             )
         if self.max_frame < self.hello_max_frame:
             raise ConfigError("max_frame must not be smaller than hello_max_frame")
+        if self.port == 0 and self.data_dir is None and not self.memory:
+            raise ConfigError(
+                "data_dir is required for a node on port 0 (a free port), since the "
+                "default data directory is named after the port; or keep the table "
+                "in memory")
+
+    def store_path(self) -> str | None:
+        """
+        The SQLite file of this node, or None for memory only.
+        """
+        if self.memory:
+            return None
+        from dtable.store import DB_NAME, default_data_dir
+
+        return os.path.join(self.data_dir or default_data_dir(self.port), DB_NAME)
 
     @property
     def dead_link_timeout(self) -> float:

@@ -178,10 +178,10 @@ class _Demo:
         added = [{"name": f"object-{k}", "index": k} for k in range(self.objects)]
         for obj in added:
             master.add_object(obj)
-        master.flush()
+        await master.flush()
         say(f"master added {self.objects} object(s): revision {master.head.rev}")
         master.remove_object(added[0])
-        master.flush()
+        await master.flush()
         say(f"master removed {json.dumps(added[0])}: revision {master.head.rev}, "
             f"{len(master)} object(s) left")
 

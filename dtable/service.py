@@ -20,7 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dtable import crypto, wire
+from dtable import catchup, crypto, wire
 from dtable._log import debug_channel
 from dtable.broadcast import DuplicateFilter, new_message_id
 from dtable.canonical import (
@@ -32,11 +32,11 @@ from dtable.links import LinkServerFactory, PeerConnection
 from dtable.peers import PeerAddress, PeerDirectory
 from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed
 from dtable.replication import (
-    BadHead, BatchRejected, BatchWindow, Change, Decision, HeadSigner,
+    BadHead, BatchLog, BatchRejected, BatchWindow, Change, Decision, HeadSigner,
     HeadVerifier, Replica,
 )
-from dtable.store import MemoryStore
-from dtable.table import Table, root_of
+from dtable.store import MemoryStore, SqliteStore
+from dtable.table import EMPTY_ROOT, Table
 from dtable.wire import Head, ProtocolViolation
 
 if TYPE_CHECKING:
@@ -67,11 +67,6 @@ class _CallbackObserver:
         raise AttributeError(name)
 
 
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 @implementer(ILinkHub)
 class DistributedTable(MultiService):
     """
@@ -83,8 +78,9 @@ class DistributedTable(MultiService):
         L{dtable.crypto.parse_network_key}).
     @param peers: initial peer addresses, C{"host:port"} or C{"[v6]:port"}.
     @param master: whether this node publishes the table.
-    @param store: where the table is kept (an L{IStore}); by default in
-        memory.
+    @param store: where the table is kept (an L{IStore}); by default an
+        SQLite file in C{data_dir} (see L{dtable.config.Config}), or memory
+        with C{memory=True}.
     @param reactor: the reactor to use; the global one by default.
     @param options: any other field of L{dtable.config.Config}.
 
@@ -112,7 +108,10 @@ class DistributedTable(MultiService):
         self.reactor = reactor
         self.node_id = crypto.new_node_id()
         self.name = f"dtable node {self.node_id[:8]}"
-        self._store = store if store is not None else MemoryStore()
+        if store is None:
+            path = config.store_path()
+            store = MemoryStore() if path is None else SqliteStore(path)
+        self._store = store
         self.table = Table()
         self.directory = PeerDirectory(config.peers)
         self.messages = DuplicateFilter(reactor, config.message_ttl,
@@ -124,6 +123,7 @@ class DistributedTable(MultiService):
         self._ports: list["IListeningPort"] = []
         self._listening_waiters: list[Deferred] = []
         self._started_waiters: list[Deferred] = []
+        self._flush_waiters: list[Deferred] = []
         self._primary: PeerConnection | None = None
         self._primary_failures = 0
         self._primary_rotation: Deferred | None = None
@@ -135,6 +135,7 @@ class DistributedTable(MultiService):
         self._catch_up_call: "IDelayedCall | None" = None
         self._master_sync_call: "IDelayedCall | None" = None
         self._master_ready = not config.master
+        self._reported_ahead = 0
         self._startup: Deferred | None = None
         self._stopping = False
         self._is_started = False
@@ -206,13 +207,13 @@ class DistributedTable(MultiService):
         """
         Every object in the table.
         """
-        return self.table.objects()
+        return self._replica.objects() if self._replica is not None else []
 
     def get(self, h: str) -> dict | None:
         """
         The object with hash C{h}, or None.
         """
-        return self.table.get(h)
+        return self._replica.get(h) if self._replica is not None else None
 
     def __len__(self) -> int:
         return len(self.table)
@@ -234,7 +235,7 @@ class DistributedTable(MultiService):
         The signed state this node holds.
         """
         return self._replica.head if self._replica is not None else Head(
-            rev=0, base=0, root=root_of([]))
+            rev=0, base=0, root=EMPTY_ROOT)
 
     @property
     def links(self) -> list[PeerProtocol]:
@@ -299,12 +300,21 @@ class DistributedTable(MultiService):
         self._flood(frame, None)
         return message_id
 
-    def flush(self) -> None:
+    def flush(self) -> Deferred:
         """
         Publish the pending batch now rather than at the end of its window.
+
+        @return: a fresh Deferred that fires with the head once everything
+            added or removed before this call is published (at once unless a
+            starting master is still learning the network's newest state).
         """
         if self._window is not None:
             self._window.flush()
+        if self._window is None or not len(self._window):
+            return succeed(self.head)
+        d: Deferred = Deferred()
+        self._flush_waiters.append(d)
+        return d
 
     def add_peer(self, address: str | PeerAddress) -> None:
         """
@@ -375,7 +385,9 @@ class DistributedTable(MultiService):
         self._signer = HeadSigner(network.network_id, network.master_key)
         verifier = HeadVerifier(network.network_id, self._signer.public)
         self._store.open()
-        self._replica = Replica(self.table, self._store, verifier)
+        self._replica = Replica(
+            self.table, self._store, verifier,
+            BatchLog(self.config.log_max_batches, self.config.log_max_bytes))
         self._replica.load()
         self._window = BatchWindow(self.reactor, self.config.batch_window,
                                    self.config.batch_max_ops, self._publish)
@@ -392,7 +404,7 @@ class DistributedTable(MultiService):
         self._dial_next()
         self._is_started = True
         self._emit("started")
-        for obj in self.table.objects():
+        for obj in self._replica.iter_objects():
             self._emit("object_added", obj)
         self._changed()
         for d in self._take(self._started_waiters):
@@ -545,6 +557,10 @@ class DistributedTable(MultiService):
         self._links_log.debug(
             "link up with {peer_id}: its revision {rev}, ours {our_rev}",
             peer_id=hello.node_id, rev=hello.head.rev, our_rev=self.head.rev)
+        if self.head.rev > hello.head.rev:
+            # The peer is behind, perhaps because this node moved on after it
+            # sent its hello: tell it where this node is now.
+            link.send_frame(wire.head_announcement(self.head))
         if not self._master_ready and hello.head.rev <= self.head.rev:
             self._release_master("a peer is not ahead of it")
         self._maybe_catch_up()
@@ -571,10 +587,14 @@ class DistributedTable(MultiService):
         elif isinstance(message, wire.HeadAnnouncement):
             self._note_head(link, message.head)
             self._maybe_catch_up()
-        elif isinstance(message, wire.StateRequest):
-            self._serve_state(link, message)
+        elif isinstance(message, wire.LogRequest):
+            link.send_frame(catchup.serve_log(self._replica, message))
+        elif isinstance(message, wire.TreeRequest):
+            link.send_frame(catchup.serve_tree(self._replica, message))
+        elif isinstance(message, wire.DiffRequest):
+            link.send_frame(catchup.serve_diff(self._replica, message))
         elif isinstance(message, wire.Fetch):
-            self._serve_fetch(link, message)
+            link.send_frame(catchup.serve_fetch(self._replica, message))
         else:
             raise ProtocolViolation(f"unexpected {type(message).__name__}")
 
@@ -598,7 +618,7 @@ class DistributedTable(MultiService):
             self._maybe_catch_up()
             return
         try:
-            change = self._replica.apply_batch(batch)
+            change = self._replica.apply_batch(batch, frame)
         except BatchRejected as e:
             self._report(f"batch {batch.head.rev} rejected: {e.reason}", link.node_id)
             self._maybe_catch_up()
@@ -625,7 +645,7 @@ class DistributedTable(MultiService):
         by its key, and publishes only once it holds that state, so that a
         master restarted without its data never wipes the network.
         """
-        if not self.directory.addresses() or self.config.master_sync_timeout == 0:
+        if self.config.master_sync_timeout == 0:
             self._master_ready = True
             return
         self._window.hold()
@@ -642,6 +662,9 @@ class DistributedTable(MultiService):
         self._master_sync_call = None
         log.info("master publishing from revision {rev}: {why}", rev=self.head.rev, why=why)
         self._window.release()
+        self._window.flush()
+        for d in self._take(self._flush_waiters):
+            d.callback(self.head)
 
     def _maybe_catch_up(self) -> None:
         if self._catching_up or self._stopping or self._replica is None:
@@ -652,7 +675,20 @@ class DistributedTable(MultiService):
             if not self._master_ready and self._links:
                 self._release_master("no peer is ahead of it")
             return
-        _, _, link = max(ahead)
+        rev, _, link = max(ahead)
+        if self.config.master and self._master_ready:
+            # A master that publishes never adopts a newer state: that state
+            # came from another master, or this one lost data after it began
+            # publishing. Following it would make the tables flip.
+            if rev > self._reported_ahead:
+                self._reported_ahead = rev
+                self._report(
+                    f"two masters on one network, or this master lost its data: "
+                    f"node {link.node_id} holds revision {rev} signed by the master "
+                    f"key, this master is at {self.head.rev}; not following it "
+                    "(restart this master with its data, or a longer "
+                    "master_sync_timeout)", link.node_id)
+            return
         self._catching_up = True
         d = Deferred.fromCoroutine(self._catch_up(link))
         d.addErrback(lambda f: log.failure("catch-up failed", f))
@@ -672,6 +708,10 @@ class DistributedTable(MultiService):
             self._report(f"catch-up from {link.node_id} rejected: {e.reason}",
                          link.node_id or "?")
             retry = True
+        except catchup.PeerMoved as e:
+            log.info("catch-up from {peer_id} did not settle: {reason}",
+                     peer_id=link.node_id, reason=str(e))
+            retry = True
         finally:
             self._catching_up = False
         if self._stopping:
@@ -684,58 +724,20 @@ class DistributedTable(MultiService):
             self._maybe_catch_up()
 
     async def _catch_up_from(self, link: PeerProtocol) -> None:
-        """
-        The simple catch-up: take the peer's whole hash list, fetch what is
-        missing, and move to exactly the peer's signed state.
-        """
         start_rev = self.head.rev
-        state = await link.request(wire.state_request)
-        if not isinstance(state, wire.State):
-            raise ProtocolViolation("answered a state request with something else")
-        try:
-            self._replica.verify(state.head)
-        except BadHead as e:
-            raise ProtocolViolation(str(e))
-        if state.head.rev <= self.head.rev:
+        how, changes = await catchup.catch_up(self._replica, link.request,
+                                              self.config.fetch_chunk)
+        if not changes:
             return
-        hashes = set(state.hashes)
-        if len(hashes) != len(state.hashes) or root_of(hashes) != state.head.root:
-            raise ProtocolViolation("state hash list does not match its signed root")
-        missing = [h for h in state.hashes if h not in self.table]
-        fetched: dict[str, tuple[dict, bytes]] = {}
-        for chunk in _chunks(missing, self.config.fetch_chunk):
-            answer = await link.request(lambda rid, c=chunk: wire.fetch(rid, c))
-            if not isinstance(answer, wire.Objects):
-                raise ProtocolViolation("answered a fetch with something else")
-            wanted = set(chunk)
-            for obj in answer.objects:
-                try:
-                    data = canonical_bytes(obj)
-                except InvalidObjectError as e:
-                    raise ProtocolViolation(f"sent an invalid object: {e}")
-                h = hash_bytes(data)
-                if h not in wanted:
-                    raise ProtocolViolation("sent an object that was not asked for")
-                fetched[h] = (obj, data)
-            if self._stopping:
-                return
-        if self.head.rev >= state.head.rev:
-            return
-        change = self._replica.install(state.head, fetched, hashes)
-        log.info("caught up from {peer_id}: revision {old} -> {rev}, "
+        added = sum(len(c.added) for c in changes)
+        removed = sum(len(c.removed) for c in changes)
+        log.info("caught up from {peer_id} by {how}: revision {old} -> {rev}, "
                  "+{added} -{removed} objects",
-                 peer_id=link.node_id, old=start_rev, rev=change.head.rev,
-                 added=len(change.added), removed=len(change.removed))
-        self._emit_change(change)
-        announcement = wire.head_announcement(change.head)
-        self._flood(announcement, link)
-
-    def _serve_state(self, link: PeerProtocol, request: wire.StateRequest) -> None:
-        link.send_frame(wire.state(request.id, self.head, self.table.hashes()))
-
-    def _serve_fetch(self, link: PeerProtocol, request: wire.Fetch) -> None:
-        data = [d for d in (self.table.data(h) for h in request.hashes) if d is not None]
-        link.send_frame(wire.objects(request.id, data))
+                 peer_id=link.node_id, how=how, old=start_rev, rev=self.head.rev,
+                 added=added, removed=removed)
+        for change in changes:
+            self._emit_change(change)
+        self._flood(wire.head_announcement(self.head), link)
 
     # Messages -------------------------------------------------------------------
 

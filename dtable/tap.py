@@ -38,6 +38,8 @@ _TUNABLES: dict[str, str] = {
     "master_sync_timeout": "Seconds a starting master waits to learn the network's newest state before it publishes.",
     "catch_up_retry": "Seconds before a failed catch-up is tried again.",
     "fetch_chunk": "Objects asked for in one catch-up request.",
+    "log_max_batches": "Recent batches kept to serve peers that are a few revisions behind.",
+    "log_max_bytes": "Bytes of recent batches kept at most.",
     "hello_max_frame": "Largest frame accepted before the hello, in bytes.",
     "max_frame": "Largest frame accepted on a live link, in bytes.",
     "send_queue_limit": "Bytes that may wait for a slow peer before it is disconnected.",
@@ -77,11 +79,14 @@ class Options(usage.Options):
 
     optFlags = [
         ["master", "m", "This node is the master: only it adds and removes objects."],
+        ["memory", None, "Keep the table in memory only (rebuilt from the network at every start)."],
     ]
     optParameters = [
         ["port", "p", 9999, "TCP port to listen on for peers (0 picks a free one).",
          _number("port", int)],
         ["key-file", "k", None, "File holding the network key."],
+        ["data-dir", None, None,
+         "Directory of the node's table (default: dtable-PORT in the working directory)."],
         ["interface", None, None,
          "Address to listen on (default: every address of both IPv4 and IPv6)."],
         ["debug", "d", 0,
@@ -125,6 +130,8 @@ class Options(usage.Options):
                 peers=tuple(self["peers"]),
                 master=bool(self["master"]),
                 debug=self["debug"],
+                data_dir=self["data-dir"],
+                memory=bool(self["memory"]),
                 **tunables,
             )
         except ConfigError as e:

@@ -21,8 +21,10 @@ from dtable.config import Config
 from dtable.interfaces import TableObserver
 from dtable.service import DistributedTable
 
-#: Intervals short enough for tests, long enough for a loaded machine.
+#: Settings for tests: an in-memory store, and intervals short enough for
+#: tests, long enough for a loaded machine.
 FAST = dict(
+    memory=True,
     ping_interval=0.5,
     handshake_timeout=5.0,
     connect_timeout=5.0,
@@ -152,8 +154,7 @@ class LocalNetwork:
         Publish what the master has pending, then wait until every node
         holds the master's revision and root.
         """
-        self.master.flush()
-        head = self.master.head
+        head = await self.master.flush()
 
         def same(node: DistributedTable) -> bool:
             return node.head == head

@@ -133,12 +133,14 @@ def network_key(environ: dict[str, str]) -> str:
 def options(environ: dict[str, str]) -> dict[str, Any]:
     """
     The production defaults, or dtable.testing.FAST with DTABLE_EXAMPLE_FAST=1.
+    Like the original project's examples, the nodes keep their tables in
+    memory; a real node keeps it in its data directory (the default).
     """
     if environ.get("DTABLE_EXAMPLE_FAST") == "1":
         from dtable.testing import FAST
 
         return dict(FAST)
-    return {}
+    return {"memory": True}
 
 
 async def _run(reactor: Any, name: str, offset: int, peer_offsets: Sequence[int],

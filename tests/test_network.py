@@ -78,7 +78,7 @@ async def test_seed_topology_add_remove_and_duplicate_add():
 
         rev = master.head.rev
         assert master.add_object({"test": "test"}) == h
-        master.flush()
+        await master.flush()
         other = master.add_object({"other": 1})
         await net.converged()
         # The duplicate add published nothing: one revision for "other".
@@ -199,7 +199,7 @@ async def test_returning_node_holds_exactly_the_masters_table():
         new = [master.add_object({"new": i}) for i in range(50)]
         for h in old[:20]:
             master.remove_object(h)
-        master.flush()
+        await master.flush()
         await wait_for(net.nodes[1], lambda n: n.head == master.head)
 
         returning = DistributedTable(port=0, key=net.key, reactor=reactor,
@@ -283,30 +283,49 @@ async def test_default_listener_accepts_both_families():
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_masters_are_reported():
+async def test_two_masters_are_reported_and_neither_table_flips():
     """
     A second node started as master is a configuration error: both masters
-    report it through the error event and the log.
+    report it through the error event, and neither adopts the other's
+    table.
     """
     reactor = _reactor()
     key = crypto.generate_network_key()
     first = DistributedTable(port=0, key=key, master=True, reactor=reactor,
                              interface="127.0.0.1", **FAST)
-    first_errors = Recorder()
-    first.subscribe(first_errors)
+    first_events = Recorder()
+    first.subscribe(first_events)
     first.startService()
     port = await first.when_listening()
+    mine = {first.add_object({"first": i}) for i in range(3)}
+    await first.flush()
     other = DistributedTable(port=0, key=key, master=True, peers=[f"127.0.0.1:{port}"],
                              reactor=reactor, interface="127.0.0.1", **FAST)
-    other_errors = Recorder()
-    other.subscribe(other_errors)
+    other_events = Recorder()
+    other.subscribe(other_events)
     try:
         other.startService()
-        await wait_for(first, lambda n: first_errors.named("error"))
-        await wait_for(other, lambda n: other_errors.named("error"))
-        assert "two masters" in first_errors.named("error")[0][0]
-        assert first_errors.named("error")[0][1] == other.node_id
-        assert "two masters" in other_errors.named("error")[0][0]
+        await wait_for(first, lambda n: first_events.named("error"))
+        await wait_for(other, lambda n: other_events.named("error"))
+        assert "two masters" in first_events.named("error")[0][0]
+        assert first_events.named("error")[0][1] == other.node_id
+        assert "two masters" in other_events.named("error")[0][0]
+        # Both keep publishing their own changes; neither follows the other.
+        theirs = {other.add_object({"other": i}) for i in range(5)}
+        await other.flush()
+        more = first.add_object({"first": "more"})
+        await first.flush()
+        for i in range(3):
+            first.add_object({"first": f"again {i}"})
+            other.add_object({"other": f"again {i}"})
+            await first.flush()
+            await other.flush()
+        assert mine | {more} <= set(first.table.hashes())
+        assert not theirs & set(first.table.hashes())
+        assert theirs <= set(other.table.hashes())
+        assert more not in other
+        assert first_events.named("object_removed") == []
+        assert other_events.named("object_removed") == []
     finally:
         await other.stopService()
         await first.stopService()

@@ -121,8 +121,22 @@ class OptionsTests(KeyFileMixin, SynchronousTestCase):
         self.assertEqual(config.batch_max_ops, 10)
 
     def test_short_options(self) -> None:
-        config = self.parse("-p", "0", "-k", self.key_file, "-m", "-d", "1")["config"]
+        config = self.parse("-p", "0", "-k", self.key_file, "-m", "-d", "1",
+                            "--memory")["config"]
         self.assertEqual((config.port, config.master, config.debug), (0, True, 1))
+        self.assertIsNone(config.store_path())
+
+    def test_data_dir(self) -> None:
+        """
+        The table lives in --data-dir, by default dtable-PORT in the working
+        directory; a free port (0) needs --data-dir or --memory.
+        """
+        config = self.parse("-k", self.key_file, "--data-dir", self.directory)["config"]
+        self.assertEqual(os.path.dirname(config.store_path()), self.directory)
+        config = self.parse("-k", self.key_file, "-p", "10005")["config"]
+        self.assertEqual(os.path.dirname(config.store_path()),
+                         os.path.join(os.getcwd(), "dtable-10005"))
+        self.assert_rejected(["-k", self.key_file, "-p", "0"], "--data-dir", "port 0")
 
     def test_missing_key_file(self) -> None:
         self.assert_rejected(["--port", "9999"], "--key-file", "keygen")
@@ -189,7 +203,7 @@ class MakeServiceTests(KeyFileMixin, SynchronousTestCase):
         self.options.parseOptions([
             "--port", "0", "--key-file", self.key_file, "--master",
             "--peer", "127.0.0.1:10000", "--peer", "[::1]:10001",
-            "--ping-interval", "0.25"])
+            "--ping-interval", "0.25", "--data-dir", self.mktemp()])
 
     def test_builds_a_stopped_node(self) -> None:
         """
