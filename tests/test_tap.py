@@ -203,7 +203,7 @@ class MakeServiceTests(KeyFileMixin, SynchronousTestCase):
         self.options.parseOptions([
             "--port", "0", "--key-file", self.key_file, "--master",
             "--peer", "127.0.0.1:10000", "--peer", "[::1]:10001",
-            "--ping-interval", "0.25", "--data-dir", self.mktemp()])
+            "--ping-interval", "0.25", "--data-dir", os.path.join(self.directory, "data")])
 
     def test_builds_a_stopped_node(self) -> None:
         """
