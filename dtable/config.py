@@ -89,6 +89,10 @@ class Config:
     reconnect_initial_delay: float = attrs.field(default=1.0, validator=_positive)
     reconnect_max_delay: float = attrs.field(default=60.0, validator=_positive)
     failures_before_next_peer: int = attrs.field(default=3, validator=_positive)
+    probe_retest: float = attrs.field(default=60.0, validator=_positive)
+    probe_pings: int = attrs.field(default=20, validator=_positive)
+    probe_concurrency: int = attrs.field(default=2, validator=_positive)
+    better_primary_ratio: float = attrs.field(default=0.7, validator=_positive)
 
     # Messages.
     message_ttl: float = attrs.field(default=300.0, validator=_positive)
@@ -130,6 +134,14 @@ class Config:
         from dtable.store import DB_NAME, default_data_dir
 
         return os.path.join(self.data_dir or default_data_dir(self.port), DB_NAME)
+
+    @property
+    def component_horizon(self) -> float:
+        """
+        A node whose beacon has not arrived for this long is taken to be in
+        another component of the overlay.
+        """
+        return 3 * self.clean_interval
 
     @property
     def dead_link_timeout(self) -> float:

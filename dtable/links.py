@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import ReconnectingClientFactory, ServerFactory
+from twisted.internet.protocol import ClientFactory, ReconnectingClientFactory, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -149,3 +149,37 @@ class PeerConnection(Service):
         protocol, self._protocol = self._protocol, None
         if self.running and (protocol is None or protocol.hello is None):
             self._on_failure(self.address, reason)
+
+
+class ProbeFactory(ClientFactory):
+    """
+    One short test connection to a node that is not linked: the node
+    measures a series of pings over it and closes it. C{on_failed(reason)} is
+    called if it never got as far as the peer's hello.
+    """
+
+    noisy = False
+
+    def __init__(self, hub: "ILinkHub", clock: "IReactorTime", config: "Config",
+                 address: "PeerAddress", on_failed: Callable[[str], None]) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.config = config
+        self.address = address
+        self._on_failed = on_failed
+        self.protocol_instance: PeerProtocol | None = None
+
+    def buildProtocol(self, addr) -> PeerProtocol:
+        protocol = PeerProtocol(self.hub, self.clock, self.config, outbound=True,
+                                role="probe", address=self.address)
+        protocol.factory = self
+        self.protocol_instance = protocol
+        return protocol
+
+    def clientConnectionFailed(self, connector: "IConnector", reason: Failure) -> None:
+        self._on_failed(reason.getErrorMessage())
+
+    def clientConnectionLost(self, connector: "IConnector", reason: Failure) -> None:
+        protocol = self.protocol_instance
+        if protocol is None or protocol.hello is None:
+            self._on_failed(reason.getErrorMessage())

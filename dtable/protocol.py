@@ -90,6 +90,11 @@ class ILinkHub(Interface):
         The peer broke the contract; the connection is being closed.
         """
 
+    def rtt_measured(link: "PeerProtocol", seconds: float) -> None:
+        """
+        A keep-alive ping on a live link came back after C{seconds}.
+        """
+
 
 @implementer(IPushProducer)
 class SendQueue:
@@ -484,12 +489,22 @@ class PeerProtocol(Int32StringReceiver):
         if silent > self.config.dead_link_timeout:
             self.close(f"dead link: nothing heard for {silent:.1f} s")
             return
+        self.measure_rtt().addCallbacks(
+            lambda rtt: self.hub.rtt_measured(self, rtt), lambda _: None)
+
+    def measure_rtt(self) -> Deferred:
+        """
+        Send one ping; the Deferred fires with the round-trip time in seconds
+        (also kept in C{rtts}), or fails with L{RequestFailed}.
+        """
         sent = self.clock.seconds()
 
-        def measured(_: Any) -> None:
-            self.rtts.append(self.clock.seconds() - sent)
+        def measured(_: Any) -> float:
+            rtt = self.clock.seconds() - sent
+            self.rtts.append(rtt)
+            return rtt
 
-        self.request(wire.ping).addCallbacks(measured, lambda _: None)
+        return self.request(wire.ping).addCallback(measured)
 
     def _handshake_timed_out(self) -> None:
         self._handshake_call = None

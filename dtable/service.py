@@ -11,12 +11,14 @@ L{dtable.replication}, L{dtable.broadcast} and L{dtable.peers}.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,8 +30,10 @@ from dtable.canonical import (
 )
 from dtable.config import Config
 from dtable.interfaces import IStore, ITableObserver
-from dtable.links import LinkServerFactory, PeerConnection
-from dtable.peers import PeerAddress, PeerDirectory
+from dtable.links import LinkServerFactory, PeerConnection, ProbeFactory
+from dtable.peers import (
+    ComponentTracker, PeerAddress, PeerDirectory, PrimaryPolicy, normalize_host,
+)
 from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed
 from dtable.replication import (
     BadHead, BatchLog, BatchRejected, BatchWindow, Change, Decision, HeadSigner,
@@ -51,6 +55,14 @@ class NotMasterError(Exception):
     """
     add_object or remove_object was called on a node that is not the master.
     """
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @implementer(ITableObserver)
@@ -113,7 +125,14 @@ class DistributedTable(MultiService):
             store = MemoryStore() if path is None else SqliteStore(path)
         self._store = store
         self.table = Table()
-        self.directory = PeerDirectory(config.peers)
+        self.directory = PeerDirectory(config.peers, window=config.ping_window)
+        self._policy = PrimaryPolicy(self.directory, config.better_primary_wait,
+                                     config.better_primary_ratio)
+        self._components = ComponentTracker(self.node_id, config.component_horizon)
+        self._probes: dict[PeerAddress, Any] = {}
+        self._defrag: PeerConnection | None = None
+        self._overlay_loop: LoopingCall | None = None
+        self._started_at = 0.0
         self.messages = DuplicateFilter(reactor, config.message_ttl,
                                         config.message_filter_size)
         self._observers: list[Any] = []
@@ -402,6 +421,10 @@ class DistributedTable(MultiService):
         if self.config.master:
             self._hold_until_synced()
         self._dial_next()
+        self._started_at = self.reactor.seconds()
+        self._overlay_loop = LoopingCall(self._overlay_tick)
+        self._overlay_loop.clock = self.reactor
+        self._overlay_loop.start(self.config.clean_interval, now=False)
         self._is_started = True
         self._emit("started")
         for obj in self._replica.iter_objects():
@@ -455,8 +478,20 @@ class DistributedTable(MultiService):
             if call is not None and call.active():
                 call.cancel()
         self._catch_up_call = self._master_sync_call = None
+        if self._overlay_loop is not None and self._overlay_loop.running:
+            self._overlay_loop.stop()
+        self._overlay_loop = None
         if self._primary_rotation is not None:
             await self._primary_rotation
+        probes_lost = []
+        for connector, factory in list(self._probes.values()):
+            protocol = factory.protocol_instance
+            if protocol is not None:
+                probes_lost.append(protocol.when_lost())
+                protocol.close("node shutting down")
+            connector.disconnect()
+        await DeferredList(probes_lost)
+        self._probes.clear()
         await super().stopService()
         self._primary = None
         ports, self._ports = self._ports, []
@@ -474,8 +509,8 @@ class DistributedTable(MultiService):
         return self.reactor.connectSSL(address.host, address.port, factory, self._tls,
                                        timeout=self.config.connect_timeout)
 
-    def _dial_next(self) -> None:
-        address = self.directory.next_primary()
+    def _dial_next(self, target: PeerAddress | None = None) -> None:
+        address = target if target is not None else self.directory.next_primary()
         if address is None:
             self._overlay_log.debug("no peer to dial")
             return
@@ -495,14 +530,16 @@ class DistributedTable(MultiService):
         if self._primary_failures >= self.config.failures_before_next_peer:
             self._rotate_primary()
 
-    def _rotate_primary(self) -> None:
+    def _rotate_primary(self, target: PeerAddress | None = None) -> None:
         """
-        Give up the current primary address and dial the next one.
+        Give up the current primary address and dial C{target}, or the next
+        candidate.
         """
         if self._stopping or self._primary is None or self._primary_rotation is not None:
             return
         current = self._primary
-        if len(self.directory.addresses()) <= 1 and not self.directory.is_self(current.address):
+        if (target is None and len(self.directory.addresses()) <= 1
+                and not self.directory.is_self(current.address)):
             # Only one address to try: keep backing off on it.
             self._primary_failures = 0
             return
@@ -514,9 +551,187 @@ class DistributedTable(MultiService):
             finally:
                 self._primary_rotation = None
             if not self._stopping:
-                self._dial_next()
+                self._dial_next(target)
 
         self._primary_rotation = Deferred.fromCoroutine(rotate())
+
+    # The overlay ----------------------------------------------------------------
+
+    def _address_of(self, link: PeerProtocol) -> PeerAddress | None:
+        """
+        Where the peer of C{link} listens: the address dialled, or for an
+        inbound link its IP address and the port its hello gave.
+        """
+        if link.outbound:
+            return link.address
+        if link.hello is None or link.hello.port == 0 or link.transport is None:
+            return None
+        host = normalize_host(getattr(link.transport.getPeer(), "host", ""))
+        if not host:
+            return None
+        return PeerAddress(host=host, port=link.hello.port)
+
+    def overlay(self) -> dict[str, Any]:
+        """
+        This node's view of the overlay, as plain data: its links, the nodes
+        it knows with their RTT means and failures, its component and the
+        probes in flight.
+        """
+        now = self.reactor.seconds()
+        return {
+            "node_id": self.node_id,
+            "master": self.config.master,
+            "rev": self.head.rev,
+            "primary": str(self._primary.address) if self._primary is not None else None,
+            "links": [
+                {
+                    "node_id": link.node_id,
+                    "address": str(self._address_of(link) or ""),
+                    "role": link.role if link.outbound else link.hello.role,
+                    "direction": "outbound" if link.outbound else "inbound",
+                    "rtt_mean": link.rtt_mean,
+                }
+                for link in self.links
+            ],
+            "known": self.directory.snapshot(),
+            "self_addresses": [str(a) for a in self.directory.self_addresses()],
+            "component": sorted(self._components.members(now)),
+            "probing": [str(a) for a in self._probes],
+        }
+
+    def _overlay_tick(self) -> None:
+        """
+        The clean loop: forget unreachable learned nodes, tell peers what we
+        know, send a beacon, probe nodes we are not linked to, move the
+        primary if another node is clearly better, and merge fragments.
+        """
+        now = self.reactor.seconds()
+        for address in self.directory.purge(now, self.config.purge_after):
+            self._overlay_log.debug("forgot {address}: unreachable", address=address)
+        known = self._known_nodes()
+        if known:
+            frame = wire.nodes(known)
+            for link in self.links:
+                link.send_frame(frame)
+        beacon_id = new_message_id()
+        self.messages.first_sight(beacon_id)
+        self._flood(wire.beacon(beacon_id, self.node_id), None)
+        self._start_probes(now)
+        self._consider_primary(now)
+        self._merge_fragments(now)
+        self._overlay_log.debug("overlay {overlay}", overlay=self.overlay())
+
+    def _linked_addresses(self) -> set[PeerAddress]:
+        addresses = {self._address_of(link) for link in self.links}
+        addresses.discard(None)
+        return addresses  # type: ignore[return-value]
+
+    def _known_nodes(self) -> list[tuple[str, str, int]]:
+        known = {}
+        for link in self.links:
+            address = self._address_of(link)
+            if address is not None and link.node_id:
+                known[address] = link.node_id
+        for entry in self.directory.snapshot():
+            if entry["node_id"] and entry["last_success"] is not None:
+                known.setdefault(PeerAddress.parse(entry["address"]), entry["node_id"])
+        return [(node_id, a.host, a.port) for a, node_id in known.items()
+                if _is_ip(a.host)][:wire.MAX_NODES]
+
+    def _nodes_received(self, link: PeerProtocol, message: wire.Nodes) -> None:
+        now = self.reactor.seconds()
+        for node in message.nodes:
+            address = PeerAddress(host=normalize_host(node.host), port=node.port)
+            if node.node_id == self.node_id:
+                if address not in self.directory:
+                    self.directory.mark_self(address)
+                continue
+            if self.directory.learn(address, node.node_id, now):
+                self._overlay_log.debug("learned of {peer_id} at {address} from {source}",
+                                        peer_id=node.node_id, address=address,
+                                        source=link.node_id)
+
+    def _beacon_received(self, link: PeerProtocol, beacon: wire.Beacon, frame: bytes) -> None:
+        if not self.messages.first_sight(beacon.id):
+            return
+        self._components.heard(beacon.origin, self.reactor.seconds())
+        self._flood(frame, link)
+
+    def _start_probes(self, now: float) -> None:
+        room = self.config.probe_concurrency - len(self._probes)
+        if room <= 0:
+            return
+        exclude = self._linked_addresses() | set(self._probes)
+        for address in self.directory.due_for_probe(now, self.config.probe_retest, exclude)[:room]:
+            self.directory.record_probe(address, now)
+            self._probe(address)
+
+    def _probe(self, address: PeerAddress) -> None:
+        def failed(reason: str) -> None:
+            if self._probes.pop(address, None) is not None:
+                self.directory.record_failure(address)
+                self._overlay_log.debug("probe of {address} failed: {reason}",
+                                        address=address, reason=reason)
+
+        factory = ProbeFactory(self, self.reactor, self.config, address, failed)
+        connector = self._connect(address, factory)
+        self._probes[address] = (connector, factory)
+
+    async def _run_probe(self, link: PeerProtocol) -> None:
+        address = link.address
+        try:
+            for _ in range(self.config.probe_pings):
+                rtt = await link.measure_rtt()
+                self.directory.record_rtt(address, rtt)
+        except RequestFailed:
+            pass
+        finally:
+            self._probes.pop(address, None)
+            link.close("probe done")
+        self._overlay_log.debug("probed {address}: mean RTT {rtt}", address=address,
+                                rtt=self.directory.mean_rtt(address))
+
+    def _consider_primary(self, now: float) -> None:
+        primary = self._primary
+        if primary is None or primary.protocol is None or not primary.protocol.is_live:
+            return
+        exclude = set(self.directory.self_addresses())
+        target = self._policy.consider(primary.address, now, exclude)
+        if target is not None:
+            log.info("moving the primary link from {old} to {new}: mean RTT {old_rtt} "
+                     "against {new_rtt}", old=primary.address, new=target,
+                     old_rtt=self.directory.mean_rtt(primary.address),
+                     new_rtt=self.directory.mean_rtt(target))
+            self._rotate_primary(target)
+
+    def _merge_fragments(self, now: float) -> None:
+        if now - self._started_at < self.config.component_horizon:
+            return
+        if self._defrag is not None:
+            return
+        linked = {link.node_id for link in self.links}
+        reachable = {}
+        for entry in self.directory.snapshot():
+            node_id = entry["node_id"]
+            if (node_id and node_id not in linked and entry["failures"] == 0
+                    and entry["last_success"] is not None):
+                reachable[node_id] = PeerAddress.parse(entry["address"])
+        outsiders = self._components.outsiders(reachable, now)
+        if not outsiders:
+            return
+        target = outsiders[0]
+        log.info("{address} is in another part of the overlay; linking to it to merge",
+                 address=target)
+
+        def failed(address: PeerAddress, reason: str) -> None:
+            self.directory.record_failure(address)
+            defrag, self._defrag = self._defrag, None
+            if defrag is not None:
+                defrag.disownServiceParent()
+
+        self._defrag = PeerConnection(self, self.reactor, self.config, target,
+                                      self._connect, failed, role="defrag")
+        self._defrag.setServiceParent(self)
 
     # ILinkHub -----------------------------------------------------------------
 
@@ -531,13 +746,26 @@ class DistributedTable(MultiService):
                 log.info("{address} is this node itself; not dialling it again",
                          address=link.address)
                 self.directory.mark_self(link.address)
-                self._rotate_primary()
+                self._probes.pop(link.address, None)
+                if self._primary is not None and self._primary.address == link.address:
+                    self._rotate_primary()
             return "connected to itself"
+        now = self.reactor.seconds()
+        if link.outbound and link.role == "probe":
+            self.directory.record_success(link.address, hello.node_id, now)
+            Deferred.fromCoroutine(self._run_probe(link))
+            return None
+        if not link.outbound and hello.role == "probe":
+            # Answer the prober's pings; the link carries nothing else.
+            return None
         try:
             self._replica.verify(hello.head)
         except BadHead as e:
             link.drop(f"hello carries a bad head: {e}")
             return None
+        address = self._address_of(link)
+        if address is not None and not link.outbound:
+            self.directory.learn(address, hello.node_id, now)
         if hello.master:
             masters = {other.hello.node_id for other in self.links if other.hello.master}
             if self.config.master:
@@ -548,7 +776,7 @@ class DistributedTable(MultiService):
                     f"two masters on one network: node {hello.node_id} claims to be "
                     f"the master, and so does {sorted(masters)[0]}", hello.node_id)
         if link.outbound and link.address is not None:
-            self.directory.record_success(link.address, hello.node_id)
+            self.directory.record_success(link.address, hello.node_id, now)
             if self._primary is not None and self._primary.address == link.address:
                 self._primary_failures = 0
                 self._primary.hello_accepted()
@@ -575,6 +803,11 @@ class DistributedTable(MultiService):
                                   peer_id=link.node_id, reason=reason)
             self._changed()
 
+    def rtt_measured(self, link: PeerProtocol, seconds: float) -> None:
+        address = self._address_of(link)
+        if address is not None:
+            self.directory.record_rtt(address, seconds)
+
     def violation(self, link: PeerProtocol, reason: str) -> None:
         # The firewall will count these; for now the log says it.
         pass
@@ -584,6 +817,10 @@ class DistributedTable(MultiService):
             self._batch_received(link, message, frame)
         elif isinstance(message, wire.Message):
             self._message_received(link, message, frame)
+        elif isinstance(message, wire.Beacon):
+            self._beacon_received(link, message, frame)
+        elif isinstance(message, wire.Nodes):
+            self._nodes_received(link, message)
         elif isinstance(message, wire.HeadAnnouncement):
             self._note_head(link, message.head)
             self._maybe_catch_up()

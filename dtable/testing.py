@@ -34,6 +34,10 @@ FAST = dict(
     failures_before_next_peer=2,
     master_sync_timeout=0.2,
     catch_up_retry=0.1,
+    clean_interval=0.5,
+    probe_retest=5.0,
+    probe_pings=5,
+    better_primary_wait=2.0,
 )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import re
 from typing import Any, Callable, Iterable, Union
@@ -141,6 +142,33 @@ class Refusal:
 
 
 @attrs.frozen
+class NodeAddress:
+    node_id: str
+    host: str
+    port: int
+
+
+@attrs.frozen
+class Nodes:
+    """
+    Nodes the sender knows of, for discovery: id, IP address, listening port.
+    """
+
+    nodes: tuple[NodeAddress, ...]
+
+
+@attrs.frozen
+class Beacon:
+    """
+    Flooded by every node now and then, so that each node knows which nodes
+    share its component of the overlay.
+    """
+
+    id: str
+    origin: str
+
+
+@attrs.frozen
 class LogRequest:
     """
     Ask for the batches after revision C{since}, from the peer's log.
@@ -213,7 +241,7 @@ class Diff:
 
 Response = Union[Pong, Objects, Refusal, LogEntries, TreeNodes, Diff]
 WireMessage = Union[
-    Hello, Ping, Pong, Batch, HeadAnnouncement, Message, Fetch, Objects, Refusal, LogRequest, LogEntries, TreeRequest, TreeNodes,
+    Hello, Ping, Pong, Batch, HeadAnnouncement, Message, Nodes, Beacon, Fetch, Objects, Refusal, LogRequest, LogEntries, TreeRequest, TreeNodes,
     DiffRequest, Diff,
 ]
 
@@ -223,6 +251,7 @@ WireMessage = Union[
 SHORT_HASH = 8
 DIGEST_BYTES = 16
 MAX_PREFIXES = 4096
+MAX_NODES = 256
 _PREFIX = re.compile(r"\A[0-9a-f]{0,63}\Z")
 
 
@@ -401,6 +430,34 @@ def parse_batch(value: Any) -> Batch:
     return _batch(value)
 
 
+def _node_address(value: Any) -> NodeAddress:
+    if type(value) is not list or len(value) != 3:
+        raise ProtocolViolation("a node is [node_id, host, port]")
+    node_id, host, port = value
+    if type(host) is not str or len(host) > 45:
+        raise ProtocolViolation("node host must be an IP address")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ProtocolViolation("node host must be an IP address") from None
+    return NodeAddress(node_id=_match(node_id, _NODE_ID, "node_id"), host=host,
+                       port=_int(port, "port", 1, 65535))
+
+
+def _nodes(p: dict[str, Any]) -> Nodes:
+    _fields(p, "nodes", {"nodes"})
+    items = _list(p["nodes"], "nodes")
+    if len(items) > MAX_NODES:
+        raise ProtocolViolation(f"at most {MAX_NODES} nodes per announcement")
+    return Nodes(nodes=tuple(_node_address(n) for n in items))
+
+
+def _beacon(p: dict[str, Any]) -> Beacon:
+    _fields(p, "beacon", {"id", "origin"})
+    return Beacon(id=_match(p["id"], _MESSAGE_ID, "id"),
+                  origin=_match(p["origin"], _NODE_ID, "origin"))
+
+
 def _log_request(p: dict[str, Any]) -> LogRequest:
     _fields(p, "log?", {"id", "since"})
     return LogRequest(id=_int(p["id"], "id"), since=_int(p["since"], "since"))
@@ -466,6 +523,8 @@ def _diff(p: dict[str, Any]) -> Diff:
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any]], WireMessage]] = {
+    "nodes": _nodes,
+    "beacon": _beacon,
     "log?": _log_request,
     "log": _log_entries,
     "tree?": _tree_request,
@@ -567,6 +626,14 @@ def objects(request_id: int, object_data: list[bytes]) -> bytes:
 
 def refusal(request_id: int, reason: str) -> bytes:
     return _encode("refused", id=request_id, reason=reason)
+
+
+def nodes(entries: Iterable[tuple[str, str, int]]) -> bytes:
+    return _encode("nodes", nodes=[list(e) for e in entries][:MAX_NODES])
+
+
+def beacon(beacon_id: str, origin: str) -> bytes:
+    return _encode("beacon", id=beacon_id, origin=origin)
 
 
 def log_request(request_id: int, since: int) -> bytes:

@@ -182,8 +182,12 @@ class PeerDirectoryTests(SynchronousTestCase):
         directory = PeerDirectory([A])
         directory.add(PeerAddress("::1", 5))
         directory.record_failure(A)
-        directory.record_success(PeerAddress("::1", 5), "a" * 32)
+        directory.record_success(PeerAddress("::1", 5), "a" * 32, now=7.0)
+        directory.record_rtt(PeerAddress("::1", 5), 0.25)
+        directory.record_rtt(PeerAddress("::1", 5), 0.75)
         self.assertEqual(directory.snapshot(), [
-            {"address": "10.0.0.1:1", "initial": True, "failures": 1, "node_id": None},
-            {"address": "[::1]:5", "initial": False, "failures": 0, "node_id": "a" * 32},
+            {"address": "10.0.0.1:1", "initial": True, "failures": 1, "node_id": None,
+             "rtt_mean": None, "rtt_samples": 0, "last_success": None, "last_probe": None},
+            {"address": "[::1]:5", "initial": False, "failures": 0, "node_id": "a" * 32,
+             "rtt_mean": 0.5, "rtt_samples": 2, "last_success": 7.0, "last_probe": None},
         ])

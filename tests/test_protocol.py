@@ -120,6 +120,9 @@ class RecordingHub:
     def violation(self, link: PeerProtocol, reason: str) -> None:
         self.calls.append(("violation", (link, reason)))
 
+    def rtt_measured(self, link: PeerProtocol, seconds: float) -> None:
+        self.calls.append(("rtt_measured", (link, seconds)))
+
 
 class TLSStringTransport(StringTransport):
     """
