@@ -67,6 +67,8 @@ class Config:
         C{dtable-PORT} under the working directory.
     @ivar memory: keep the table in memory only; it is rebuilt from the
         network at every start.
+    @ivar learn_peers: learn other nodes' addresses from peers; without it a
+        node links only to the addresses it was given.
     """
 
     port: int = attrs.field(default=9999, validator=_port)
@@ -76,6 +78,7 @@ class Config:
     debug: int = attrs.field(default=0, validator=_debug)
     data_dir: str | None = None
     memory: bool = False
+    learn_peers: bool = True
 
     # Liveness and the overlay.
     ping_interval: float = attrs.field(default=2.0, validator=_positive)

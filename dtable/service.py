@@ -94,6 +94,10 @@ class DistributedTable(MultiService):
         SQLite file in C{data_dir} (see L{dtable.config.Config}), or memory
         with C{memory=True}.
     @param reactor: the reactor to use; the global one by default.
+    @param connect_ssl: how to dial a peer, with the signature of
+        C{reactor.connectSSL(host, port, factory, contextFactory, timeout)};
+        by default the reactor's. Tests use it to route links through
+        L{dtable.faults.FaultProxy}.
     @param options: any other field of L{dtable.config.Config}.
 
     @raise dtable.crypto.WeakKeyError: if the key is missing or weak.
@@ -104,7 +108,8 @@ class DistributedTable(MultiService):
     def __init__(self, port: int = 9999, key: str | bytes | None = None,
                  peers: Iterable[str | PeerAddress] = (), master: bool = False, *,
                  store: IStore | None = None, reactor: Any = None,
-                 config: Config | None = None, **options: Any) -> None:
+                 config: Config | None = None,
+                 connect_ssl: Callable[..., Any] | None = None, **options: Any) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -118,6 +123,7 @@ class DistributedTable(MultiService):
             config = Config(port=port, peers=tuple(peers), master=master, **options)
         self.config = config
         self.reactor = reactor
+        self._connect_ssl = connect_ssl if connect_ssl is not None else reactor.connectSSL
         self.node_id = crypto.new_node_id()
         self.name = f"dtable node {self.node_id[:8]}"
         if store is None:
@@ -506,8 +512,8 @@ class DistributedTable(MultiService):
     # Outbound links -----------------------------------------------------------
 
     def _connect(self, address: PeerAddress, factory: Any) -> Any:
-        return self.reactor.connectSSL(address.host, address.port, factory, self._tls,
-                                       timeout=self.config.connect_timeout)
+        return self._connect_ssl(address.host, address.port, factory, self._tls,
+                                 timeout=self.config.connect_timeout)
 
     def _dial_next(self, target: PeerAddress | None = None) -> None:
         address = target if target is not None else self.directory.next_primary()
@@ -620,6 +626,7 @@ class DistributedTable(MultiService):
         self._consider_primary(now)
         self._merge_fragments(now)
         self._overlay_log.debug("overlay {overlay}", overlay=self.overlay())
+        self._changed()
 
     def _linked_addresses(self) -> set[PeerAddress]:
         addresses = {self._address_of(link) for link in self.links}
@@ -639,6 +646,8 @@ class DistributedTable(MultiService):
                 if _is_ip(a.host)][:wire.MAX_NODES]
 
     def _nodes_received(self, link: PeerProtocol, message: wire.Nodes) -> None:
+        if not self.config.learn_peers:
+            return
         now = self.reactor.seconds()
         for node in message.nodes:
             address = PeerAddress(host=normalize_host(node.host), port=node.port)
@@ -764,7 +773,7 @@ class DistributedTable(MultiService):
             link.drop(f"hello carries a bad head: {e}")
             return None
         address = self._address_of(link)
-        if address is not None and not link.outbound:
+        if address is not None and not link.outbound and self.config.learn_peers:
             self.directory.learn(address, hello.node_id, now)
         if hello.master:
             masters = {other.hello.node_id for other in self.links if other.hello.master}

@@ -84,6 +84,7 @@ class Options(usage.Options):
     optFlags = [
         ["master", "m", "This node is the master: only it adds and removes objects."],
         ["memory", None, "Keep the table in memory only (rebuilt from the network at every start)."],
+        ["static-peers", None, "Link only to the --peer addresses; learn no others from peers."],
     ]
     optParameters = [
         ["port", "p", 9999, "TCP port to listen on for peers (0 picks a free one).",
@@ -136,6 +137,7 @@ class Options(usage.Options):
                 debug=self["debug"],
                 data_dir=self["data-dir"],
                 memory=bool(self["memory"]),
+                learn_peers=not self["static-peers"],
                 **tunables,
             )
         except ConfigError as e:
