@@ -142,6 +142,8 @@ class PeerDirectory:
                 known.initial = True
             return False
         if not initial and self._learned_count() >= self._max_learned:
+            if self._max_learned == 0:
+                return False
             self._forget_one_learned()
         self._candidates[address] = _Candidate(
             address=address, initial=initial, first_seen=now,
@@ -316,6 +318,7 @@ class PrimaryPolicy:
         self._wait = wait
         self._ratio = ratio
         self._candidate: PeerAddress | None = None
+        self._against: PeerAddress | None = None
         self._since = 0.0
 
     def consider(self, current: PeerAddress | None, now: float,
@@ -328,8 +331,9 @@ class PrimaryPolicy:
         if better is None:
             self._candidate = None
             return None
-        if better != self._candidate:
+        if better != self._candidate or current != self._against:
             self._candidate = better
+            self._against = current
             self._since = now
         if now - self._since >= self._wait:
             self._candidate = None

@@ -434,7 +434,7 @@ def _node_address(value: Any) -> NodeAddress:
     if type(value) is not list or len(value) != 3:
         raise ProtocolViolation("a node is [node_id, host, port]")
     node_id, host, port = value
-    if type(host) is not str or len(host) > 45:
+    if type(host) is not str or len(host) > 45 or "%" in host:
         raise ProtocolViolation("node host must be an IP address")
     try:
         ipaddress.ip_address(host)

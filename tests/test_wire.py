@@ -911,3 +911,204 @@ class PropertyTests(SynchronousTestCase):
         message = wire.decode(wire.hello(NODE, port, role, master, head))
         self.assertEqual(message, Hello(version=PROTOCOL_VERSION, node_id=NODE,
                                         port=port, role=role, master=master, head=head))
+
+
+# Discovery: nodes and beacons --------------------------------------------------
+
+OTHER_NODE = "fedcba9876543210fedcba9876543210"
+
+
+def nodes_json(*entries: Any) -> dict[str, Any]:
+    return {"type": "nodes", "nodes": list(entries)}
+
+
+def beacon_json(**changes: Any) -> dict[str, Any]:
+    value = json.loads(wire.beacon("b-1", NODE))
+    value.update(changes)
+    return value
+
+
+class NodesRoundTripTests(SynchronousTestCase):
+    """
+    wire.nodes() and wire.beacon() read back as L{wire.Nodes} and
+    L{wire.Beacon}.
+    """
+
+    def test_nodes(self) -> None:
+        entries = [(NODE, "10.0.0.1", 10000), (OTHER_NODE, "::1", 1),
+                   (NODE, "2001:db8::5", 65535)]
+        message = wire.decode(wire.nodes(entries))
+        self.assertEqual(message, wire.Nodes(nodes=(
+            wire.NodeAddress(node_id=NODE, host="10.0.0.1", port=10000),
+            wire.NodeAddress(node_id=OTHER_NODE, host="::1", port=1),
+            wire.NodeAddress(node_id=NODE, host="2001:db8::5", port=65535),
+        )))
+
+    def test_nodes_from_any_iterable(self) -> None:
+        message = wire.decode(wire.nodes(iter([(NODE, "127.0.0.1", 5)])))
+        self.assertEqual(message.nodes, (wire.NodeAddress(NODE, "127.0.0.1", 5),))
+
+    def test_empty_nodes(self) -> None:
+        self.assertEqual(wire.decode(wire.nodes([])), wire.Nodes(nodes=()))
+
+    def test_nodes_frame(self) -> None:
+        self.assertEqual(json.loads(wire.nodes([(NODE, "10.0.0.1", 7)])),
+                         {"type": "nodes", "nodes": [[NODE, "10.0.0.1", 7]]})
+
+    def test_mapped_ipv4_host_as_given(self) -> None:
+        message = wire.decode(wire.nodes([(NODE, "::ffff:127.0.0.1", 5)]))
+        self.assertEqual(message.nodes[0].host, "::ffff:127.0.0.1")
+
+    def test_max_nodes(self) -> None:
+        entries = [(NODE, f"10.0.{i // 256}.{i % 256}", 1000 + i)
+                   for i in range(wire.MAX_NODES)]
+        message = wire.decode(wire.nodes(entries))
+        self.assertEqual(len(message.nodes), wire.MAX_NODES)
+        self.assertEqual(message.nodes[-1],
+                         wire.NodeAddress(NODE, "10.0.0.255", 1000 + wire.MAX_NODES - 1))
+
+    def test_builder_keeps_the_first_max_nodes(self) -> None:
+        entries = [(NODE, "10.0.0.1", port) for port in range(1, wire.MAX_NODES + 11)]
+        message = wire.decode(wire.nodes(entries))
+        self.assertEqual([n.port for n in message.nodes],
+                         list(range(1, wire.MAX_NODES + 1)))
+
+    def test_beacon(self) -> None:
+        self.assertEqual(wire.decode(wire.beacon("b-1", NODE)),
+                         wire.Beacon(id="b-1", origin=NODE))
+        longest = "x" * 64
+        self.assertEqual(wire.decode(wire.beacon(longest, OTHER_NODE)),
+                         wire.Beacon(id=longest, origin=OTHER_NODE))
+
+    def test_beacon_frame(self) -> None:
+        self.assertEqual(json.loads(wire.beacon("b-1", NODE)),
+                         {"type": "beacon", "id": "b-1", "origin": NODE})
+
+    def test_not_responses(self) -> None:
+        self.assertIsNone(wire.response_id(wire.Beacon(id="b", origin=NODE)))
+        self.assertIsNone(wire.response_id(wire.Nodes(nodes=())))
+
+
+class NodesRejectionTests(SynchronousTestCase):
+    """
+    Nodes and beacons that break their schema are ProtocolViolations.
+    """
+
+    assertViolation = RejectionTests.assertViolation
+
+    def test_hosts_not_ip_literals(self) -> None:
+        for host in ("localhost", "node.example", "", "[::1]", "10.0.0.1:5",
+                     " 10.0.0.1", "10.0.0.1\n", "10.0.0", "256.0.0.1", "01.2.3.4",
+                     "0x7f.0.0.1", "2130706433", "\uff11.2.3.4", "::1::", "gg::1",
+                     "a" * 46):
+            self.assertViolation(frame(nodes_json([NODE, host, 1])),
+                                 "node host must be an IP address")
+
+    def test_host_not_a_string(self) -> None:
+        for host in (None, 2130706433, ["10.0.0.1"], {"h": "10.0.0.1"}, True):
+            self.assertViolation(frame(nodes_json([NODE, host, 1])),
+                                 "node host must be an IP address")
+
+    def test_longest_host(self) -> None:
+        host = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+        self.assertEqual(len(host), 45)
+        message = wire.decode(frame(nodes_json([NODE, host, 1])))
+        self.assertEqual(message.nodes[0].host, host)
+
+    def test_bad_node_id(self) -> None:
+        for bad in (NODE.upper(), NODE[:-1], NODE + "0", "node-1", "", 7, None):
+            self.assertViolation(frame(nodes_json([bad, "10.0.0.1", 1])),
+                                 "node_id is malformed")
+
+    def test_ports(self) -> None:
+        for port in (0, 70000, 65536, -1):
+            self.assertViolation(frame(nodes_json([NODE, "10.0.0.1", port])),
+                                 "port must be an integer in [1, 65535]")
+        for port in (True, "80", 80.0, None):
+            self.assertViolation(frame(nodes_json([NODE, "10.0.0.1", port])),
+                                 "port must be an integer")
+
+    def test_too_many(self) -> None:
+        entry = [NODE, "10.0.0.1", 1]
+        self.assertViolation(frame(nodes_json(*[entry] * (wire.MAX_NODES + 1))),
+                             f"at most {wire.MAX_NODES} nodes")
+
+    def test_too_many_before_entries_are_read(self) -> None:
+        self.assertViolation(frame(nodes_json(*[None] * (wire.MAX_NODES + 1))),
+                             f"at most {wire.MAX_NODES} nodes")
+
+    def test_one_bad_entry_among_good(self) -> None:
+        good = [NODE, "10.0.0.1", 1]
+        self.assertViolation(frame(nodes_json(good, [NODE, "localhost", 1], good)),
+                             "node host must be an IP address")
+
+    def test_entry_shapes(self) -> None:
+        for entry in ([NODE, "10.0.0.1"], [NODE, "10.0.0.1", 1, 2], [], NODE,
+                      {"node_id": NODE, "host": "10.0.0.1", "port": 1}, None, 7,
+                      "10.0.0.1:1"):
+            self.assertViolation(frame(nodes_json(entry)), "a node is [node_id, host, port]")
+
+    def test_nodes_not_a_list(self) -> None:
+        for value in ({}, NODE, None, 3):
+            self.assertViolation(frame({"type": "nodes", "nodes": value}),
+                                 "nodes must be a list")
+
+    def test_nodes_fields(self) -> None:
+        self.assertViolation(frame({"type": "nodes"}), "nodes:", "missing nodes")
+        self.assertViolation(frame({"type": "nodes", "nodes": [], "from": NODE}),
+                             "nodes:", "unknown from")
+
+    def test_beacon_fields(self) -> None:
+        self.assertViolation(frame({"type": "beacon", "id": "b"}),
+                             "beacon:", "missing origin")
+        self.assertViolation(frame({"type": "beacon", "origin": NODE}),
+                             "beacon:", "missing id")
+        self.assertViolation(frame(beacon_json(hops=1)), "beacon:", "unknown hops")
+
+    def test_beacon_id(self) -> None:
+        for bad in ("", "a" * 65, "a b", "\u00fc", 5, None, ["b"]):
+            self.assertViolation(frame(beacon_json(id=bad)), "id is malformed")
+
+    def test_beacon_origin(self) -> None:
+        for bad in (NODE.upper(), NODE[:-1], NODE + "0", "node-1", "", 7, None):
+            self.assertViolation(frame(beacon_json(origin=bad)), "origin is malformed")
+
+
+class NodesPropertyTests(SynchronousTestCase):
+    """
+    Frames that claim to be nodes or beacons decode to those messages or
+    raise ProtocolViolation, never another exception.
+    """
+
+    def _decode(self, payload: dict[str, Any]) -> None:
+        try:
+            message = wire.decode(json.dumps(payload).encode("utf-8"))
+        except ProtocolViolation as e:
+            self.assertIsInstance(e.reason, str)
+        else:
+            self.assertIsInstance(message, (wire.Nodes, wire.Beacon))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(["nodes", "beacon"]),
+           st.dictionaries(st.sampled_from(["nodes", "id", "origin"]), _json, max_size=3))
+    def test_arbitrary_fields(self, kind: str, fields: dict[str, Any]) -> None:
+        self._decode({**fields, "type": kind})
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(
+        st.lists(_scalars | st.sampled_from(["10.0.0.1", "::1", "x::"]), max_size=4)
+        | _scalars,
+        max_size=4))
+    def test_arbitrary_entries(self, entries: list[Any]) -> None:
+        self._decode(nodes_json(*entries))
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.tuples(
+        st.sampled_from([NODE, OTHER_NODE]),
+        st.ip_addresses().map(str),
+        st.integers(min_value=1, max_value=65535),
+    ), max_size=20))
+    def test_valid_nodes_round_trip(self, entries: list[tuple[str, str, int]]) -> None:
+        message = wire.decode(wire.nodes(entries))
+        self.assertEqual(message, wire.Nodes(nodes=tuple(
+            wire.NodeAddress(node_id=n, host=h, port=p) for n, h, p in entries)))
