@@ -168,3 +168,87 @@ class LocalNetwork:
     async def stop(self) -> None:
         await DeferredList([n.stopService() for n in self.nodes if n.running],
                            consumeErrors=True)
+
+
+class ProxyMesh:
+    """
+    Routes every link a node dials through a L{dtable.faults.FaultProxy} of
+    its own, one per (dialling node, target address), so that a test can add
+    latency to any pair of nodes or cut it (a partition).
+
+        mesh = ProxyMesh(reactor, latency=lambda source, target: 0.005)
+        node = DistributedTable(..., connect_ssl=mesh.connector("a"))
+
+    @param latency: the one-way latency of a new pair, from the dialling
+        node's name and the target address (C{"host:port"}).
+    """
+
+    def __init__(self, reactor: Any,
+                 latency: Callable[[str, str], float] = lambda source, target: 0.0) -> None:
+        from dtable.faults import FaultProxy
+
+        self._proxy_class = FaultProxy
+        self.reactor = reactor
+        self._latency = latency
+        self.proxies: dict[tuple[str, str], Any] = {}
+        self._blocked: Callable[[str, str], bool] = lambda source, target: False
+
+    def connector(self, source: str) -> Callable[..., Any]:
+        """
+        A C{connect_ssl} for the node named C{source}.
+        """
+        def connect_ssl(host: str, port: int, factory: Any, context: Any,
+                        timeout: float = 30) -> Any:
+            proxy = self.proxy(source, host, port)
+            return self.reactor.connectSSL("127.0.0.1", proxy.port, factory, context,
+                                           timeout=timeout)
+
+        return connect_ssl
+
+    def proxy(self, source: str, host: str, port: int) -> Any:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        key = (source, target)
+        proxy = self.proxies.get(key)
+        if proxy is None:
+            proxy = self._proxy_class(self.reactor, host, port,
+                                      latency=self._latency(source, target))
+            started = Deferred.fromCoroutine(proxy.start())
+            if not started.called:
+                raise RuntimeError("a proxy did not start listening at once")
+            self.proxies[key] = proxy
+            if self._blocked(source, target):
+                proxy.cut()
+        return proxy
+
+    def set_latency(self, seconds: float, where: Callable[[str, str], bool]) -> None:
+        """
+        Set the one-way latency of every pair (source, target) C{where}
+        holds, now and for pairs made later.
+        """
+        previous = self._latency
+
+        def latency(source: str, target: str) -> float:
+            return seconds if where(source, target) else previous(source, target)
+
+        self._latency = latency
+        for (source, target), proxy in self.proxies.items():
+            if where(source, target):
+                proxy.set_latency(seconds)
+
+    def partition(self, where: Callable[[str, str], bool]) -> None:
+        """
+        Cut every pair C{where} holds, now and for pairs made later.
+        """
+        self._blocked = where
+        for (source, target), proxy in self.proxies.items():
+            if where(source, target):
+                proxy.cut()
+
+    def heal(self) -> None:
+        self._blocked = lambda source, target: False
+        for proxy in self.proxies.values():
+            proxy.restore()
+
+    async def stop(self) -> None:
+        await DeferredList([Deferred.fromCoroutine(p.stop()) for p in self.proxies.values()],
+                           consumeErrors=True)
