@@ -92,6 +92,7 @@ class Config:
     reconnect_initial_delay: float = attrs.field(default=1.0, validator=_positive)
     reconnect_max_delay: float = attrs.field(default=60.0, validator=_positive)
     failures_before_next_peer: int = attrs.field(default=3, validator=_positive)
+    outbound_links: int = attrs.field(default=1, validator=_positive)
     probe_retest: float = attrs.field(default=60.0, validator=_positive)
     probe_pings: int = attrs.field(default=20, validator=_positive)
     probe_concurrency: int = attrs.field(default=2, validator=_positive)

@@ -137,6 +137,7 @@ class DistributedTable(MultiService):
         self._components = ComponentTracker(self.node_id, config.component_horizon)
         self._probes: dict[PeerAddress, Any] = {}
         self._defrag: PeerConnection | None = None
+        self._extra: dict[PeerAddress, PeerConnection] = {}
         self._overlay_loop: LoopingCall | None = None
         self._started_at = 0.0
         self.messages = DuplicateFilter(reactor, config.message_ttl,
@@ -500,6 +501,8 @@ class DistributedTable(MultiService):
         self._probes.clear()
         await super().stopService()
         self._primary = None
+        self._extra.clear()
+        self._defrag = None
         ports, self._ports = self._ports, []
         await DeferredList([port.stopListening() for port in ports])
         lost = [link.when_lost() for link in list(self._links)]
@@ -516,7 +519,11 @@ class DistributedTable(MultiService):
                                  timeout=self.config.connect_timeout)
 
     def _dial_next(self, target: PeerAddress | None = None) -> None:
-        address = target if target is not None else self.directory.next_primary()
+        address = target
+        if address is None:
+            # Prefer an address the extra links do not already use.
+            address = (self.directory.next_primary(exclude=self._extra)
+                       or self.directory.next_primary())
         if address is None:
             self._overlay_log.debug("no peer to dial")
             return
@@ -624,6 +631,7 @@ class DistributedTable(MultiService):
         self._flood(wire.beacon(beacon_id, self.node_id), None)
         self._start_probes(now)
         self._consider_primary(now)
+        self._maintain_extra_links()
         self._merge_fragments(now)
         self._overlay_log.debug("overlay {overlay}", overlay=self.overlay())
         self._changed()
@@ -713,6 +721,35 @@ class DistributedTable(MultiService):
                      new_rtt=self.directory.mean_rtt(target))
             self._rotate_primary(target)
 
+    def _maintain_extra_links(self) -> None:
+        """
+        Keep outbound_links - 1 links besides the primary, to the best
+        candidates this node is not linked to yet.
+        """
+        wanted = self.config.outbound_links - 1
+        if wanted <= 0 or self._stopping:
+            return
+        busy = self._linked_addresses() | set(self._extra) | set(self.directory.self_addresses())
+        if self._primary is not None:
+            busy.add(self._primary.address)
+        while len(self._extra) < wanted:
+            address = self.directory.next_primary(exclude=busy)
+            if address is None:
+                return
+            busy.add(address)
+            self._overlay_log.debug("dialling {address} for an extra link", address=address)
+            connection = PeerConnection(self, self.reactor, self.config, address,
+                                        self._connect, self._extra_failed)
+            self._extra[address] = connection
+            connection.setServiceParent(self)
+
+    def _extra_failed(self, address: PeerAddress, reason: str) -> None:
+        self.directory.record_failure(address)
+        if self.directory.failures(address) >= self.config.failures_before_next_peer:
+            connection = self._extra.pop(address, None)
+            if connection is not None:
+                connection.disownServiceParent()
+
     def _merge_fragments(self, now: float) -> None:
         if now - self._started_at < self.config.component_horizon:
             return
@@ -789,6 +826,9 @@ class DistributedTable(MultiService):
             if self._primary is not None and self._primary.address == link.address:
                 self._primary_failures = 0
                 self._primary.hello_accepted()
+            for connection in (self._extra.get(link.address), self._defrag):
+                if connection is not None and connection.address == link.address:
+                    connection.hello_accepted()
         self._links.append(link)
         self._peer_heads[link] = hello.head
         self._links_log.debug(

@@ -31,6 +31,7 @@ _TUNABLES: dict[str, str] = {
     "reconnect_initial_delay": "First delay before dialling a peer again.",
     "reconnect_max_delay": "Longest delay between attempts to dial a peer.",
     "failures_before_next_peer": "Failed attempts before the primary link tries the next peer.",
+    "outbound_links": "Outbound links kept (the primary and more, for redundancy).",
     "probe_retest": "Seconds before a node that is not linked is probed again.",
     "probe_pings": "Test pings sent over each probe connection.",
     "probe_concurrency": "Probe connections open at once.",

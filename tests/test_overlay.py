@@ -207,3 +207,66 @@ async def test_partition_heals_into_one_overlay_with_the_masters_table():
     finally:
         await stop_nodes(nodes)
         await mesh.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_extra_outbound_links_for_redundancy():
+    """
+    With outbound_links=2 a node keeps a second outbound link; when one peer
+    goes away it still has a link and keeps replicating.
+    """
+    key = crypto.generate_network_key()
+    master, one, two = await start_nodes(3, key)
+    node = None
+    try:
+        one.add_peer(f"127.0.0.1:{master.listening_port}")
+        two.add_peer(f"127.0.0.1:{master.listening_port}")
+        node = DistributedTable(port=0, key=key, reactor=_reactor(), interface="127.0.0.1",
+                                peers=[f"127.0.0.1:{one.listening_port}",
+                                       f"127.0.0.1:{two.listening_port}"],
+                                outbound_links=2, learn_peers=False, **FAST)
+        node.startService()
+        await wait_for(node, lambda n: sum(1 for link in n.links if link.outbound
+                                           and link.role == "link") == 2)
+        await one.stopService()
+        h = master.add_object({"still": "linked"})
+        await wait_for(node, lambda n: h in n)
+        assert [link.node_id for link in node.links] == [two.node_id]
+    finally:
+        if node is not None:
+            await node.stopService()
+        await stop_nodes([master, one, two])
+
+
+@pytest_twisted.ensureDeferred
+async def test_master_that_only_dials_out():
+    """
+    A master nobody can reach (behind NAT: every connection to it is cut)
+    still publishes to the network over the link it dials.
+    """
+    reactor = _reactor()
+    key = crypto.generate_network_key()
+    mesh = ProxyMesh(reactor)
+    nodes = [DistributedTable(port=0, key=key, master=i == 0, reactor=reactor,
+                              interface="127.0.0.1", connect_ssl=mesh.connector(str(i)),
+                              **FAST)
+             for i in range(4)]
+    try:
+        for node in nodes:
+            node.startService()
+        await DeferredList([n.when_started() for n in nodes], fireOnOneErrback=True)
+        master_address = f"127.0.0.1:{nodes[0].listening_port}"
+        mesh.partition(lambda source, target: target == master_address)
+        nodes[0].add_peer(f"127.0.0.1:{nodes[1].listening_port}")
+        for node in nodes[2:]:
+            node.add_peer(master_address)
+            node.add_peer(f"127.0.0.1:{nodes[1].listening_port}")
+        hashes = {nodes[0].add_object({"from": "behind nat", "n": i}) for i in range(5)}
+        head = await nodes[0].flush()
+        await wait_for_all(nodes, lambda n: n.head == head, timeout=60)
+        for node in nodes[1:]:
+            assert set(node.table.hashes()) == hashes
+        assert all(link.outbound for link in nodes[0].links)
+    finally:
+        await stop_nodes(nodes)
+        await mesh.stop()
