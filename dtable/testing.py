@@ -79,6 +79,36 @@ def wait_for_all(tables: list[DistributedTable],
                         fireOnOneErrback=True, consumeErrors=True)
 
 
+def components(nodes: list[DistributedTable]) -> list[set[str]]:
+    """
+    The connected components (sets of node ids) of the graph of live links
+    among C{nodes}.
+    """
+    ids = {n.node_id for n in nodes}
+    edges: dict[str, set[str]] = {i: set() for i in ids}
+    for node in nodes:
+        for link in node.links:
+            if link.node_id in ids:
+                edges[node.node_id].add(link.node_id)
+                edges[link.node_id].add(node.node_id)
+    seen: set[str] = set()
+    parts = []
+    for start in sorted(ids):
+        if start in seen:
+            continue
+        part: set[str] = set()
+        todo = [start]
+        while todo:
+            current = todo.pop()
+            if current in part:
+                continue
+            part.add(current)
+            todo.extend(edges[current] - part)
+        seen |= part
+        parts.append(part)
+    return parts
+
+
 class Recorder(TableObserver):
     """
     An observer that records every event as (name, args) in C{events}.

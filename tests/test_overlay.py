@@ -14,40 +14,12 @@ from twisted.internet.task import LoopingCall
 
 from dtable import crypto
 from dtable.service import DistributedTable
-from dtable.testing import FAST, ProxyMesh, wait_for, wait_for_all
+from dtable.testing import FAST, ProxyMesh, components, wait_for, wait_for_all
 
 
 def _reactor():
     from twisted.internet import reactor
     return reactor
-
-
-def components(nodes: list[DistributedTable]) -> list[set[str]]:
-    """
-    The connected components of the graph of live links among C{nodes}.
-    """
-    ids = {n.node_id for n in nodes}
-    edges: dict[str, set[str]] = {i: set() for i in ids}
-    for node in nodes:
-        for link in node.links:
-            if link.node_id in ids:
-                edges[node.node_id].add(link.node_id)
-                edges[link.node_id].add(node.node_id)
-    seen: set[str] = set()
-    parts = []
-    for start in sorted(ids):
-        if start in seen:
-            continue
-        part, todo = set(), [start]
-        while todo:
-            current = todo.pop()
-            if current in part:
-                continue
-            part.add(current)
-            todo.extend(edges[current] - part)
-        seen |= part
-        parts.append(part)
-    return parts
 
 
 async def start_nodes(count: int, key: str, **options) -> list[DistributedTable]:
