@@ -18,7 +18,7 @@ build the answers. It knows nothing of sockets.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger

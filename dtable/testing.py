@@ -17,7 +17,6 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, DeferredList
 
 from dtable import crypto
-from dtable.config import Config
 from dtable.interfaces import TableObserver
 from dtable.service import DistributedTable
 

@@ -11,7 +11,6 @@ from twisted.logger import globalLogPublisher
 
 from dtable import crypto
 from dtable.service import DistributedTable, NotMasterError
-from dtable.store import MemoryStore
 from dtable.testing import FAST, LocalNetwork, Recorder, wait_for, wait_for_all
 
 # The seed's five-node example: 0 is the master and lists itself and node 3;
