@@ -103,7 +103,6 @@ class PeerConnection(Service):
         self.config = config
         self.address = address
         self.role = role
-        self.name = f"link to {address}"
         self._connect = connect
         self._on_failure = on_failure
         self._factory: LinkClientFactory | None = None
