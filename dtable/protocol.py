@@ -343,6 +343,11 @@ class PeerProtocol(Int32StringReceiver):
 
     def connectionMade(self) -> None:
         self._last_heard = self.clock.seconds()
+        # Small frames (pings, hellos, batches of one) must not wait for
+        # Nagle's algorithm: RTTs choose the links.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self._sender = SendQueue(self.transport.write, self.config.send_queue_limit,
                                  self._send_overflow)
         self.transport.registerProducer(self._sender, True)
