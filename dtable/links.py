@@ -38,10 +38,14 @@ class LinkServerFactory(ServerFactory):
         self.hub = hub
         self.clock = clock
         self.config = config
+        #: Every accepted connection until it is lost.
+        self.accepted: set[PeerProtocol] = set()
 
     def buildProtocol(self, addr) -> PeerProtocol:
         protocol = PeerProtocol(self.hub, self.clock, self.config, outbound=False)
         protocol.factory = self
+        self.accepted.add(protocol)
+        protocol.when_lost().addBoth(lambda _: self.accepted.discard(protocol))
         return protocol
 
 

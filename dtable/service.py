@@ -136,6 +136,7 @@ class DistributedTable(MultiService):
                                      config.better_primary_ratio)
         self._components = ComponentTracker(self.node_id, config.component_horizon)
         self._probes: dict[PeerAddress, Any] = {}
+        self._server_factory: LinkServerFactory | None = None
         self._defrag: PeerConnection | None = None
         self._extra: dict[PeerAddress, PeerConnection] = {}
         self._overlay_loop: LoopingCall | None = None
@@ -447,7 +448,7 @@ class DistributedTable(MultiService):
         return taken
 
     async def _listen(self) -> None:
-        factory = LinkServerFactory(self, self.reactor, self.config)
+        factory = self._server_factory = LinkServerFactory(self, self.reactor, self.config)
         interfaces = ([self.config.interface] if self.config.interface is not None
                       else ["::", "0.0.0.0"])
         port = self.config.port
@@ -505,8 +506,13 @@ class DistributedTable(MultiService):
         self._defrag = None
         ports, self._ports = self._ports, []
         await DeferredList([port.stopListening() for port in ports])
-        lost = [link.when_lost() for link in list(self._links)]
-        for link in list(self._links):
+        # Accepted connections that are not links (probes being answered,
+        # handshakes not finished) are closed too.
+        open_links = set(self._links)
+        if self._server_factory is not None:
+            open_links |= self._server_factory.accepted
+        lost = [link.when_lost() for link in open_links]
+        for link in open_links:
             link.close("node shutting down")
         await DeferredList(lost)
         self._is_started = False
