@@ -22,9 +22,16 @@ def _reactor():
     return reactor
 
 
-async def start_nodes(count: int, key: str, **options) -> list[DistributedTable]:
+async def start_nodes(count: int, key: str, mesh: ProxyMesh | None = None,
+                      **options) -> list[DistributedTable]:
+    """
+    Start C{count} nodes, node 0 the master; with C{mesh}, node i dials
+    through the mesh as C{str(i)}.
+    """
     nodes = [DistributedTable(port=0, key=key, master=i == 0, reactor=_reactor(),
-                              interface="127.0.0.1", **{**FAST, **options})
+                              interface="127.0.0.1",
+                              connect_ssl=mesh.connector(str(i)) if mesh else None,
+                              **{**FAST, **options})
              for i in range(count)]
     for node in nodes:
         node.startService()
@@ -125,14 +132,8 @@ async def test_partition_heals_into_one_overlay_with_the_masters_table():
     rng = random.Random(4)
     key = crypto.generate_network_key()
     mesh = ProxyMesh(reactor)
-    nodes = [DistributedTable(port=0, key=key, master=i == 0, reactor=reactor,
-                              interface="127.0.0.1", connect_ssl=mesh.connector(str(i)),
-                              **{**FAST, "probe_retest": 2.0})
-             for i in range(20)]
+    nodes = await start_nodes(20, key, mesh, probe_retest=2.0)
     try:
-        for node in nodes:
-            node.startService()
-        await DeferredList([n.when_started() for n in nodes], fireOnOneErrback=True)
         index = {f"127.0.0.1:{n.listening_port}": i for i, n in enumerate(nodes)}
         for i, node in enumerate(nodes[1:], start=1):
             for j in rng.sample(range(i), min(i, rng.choice((1, 2)))):
@@ -219,14 +220,8 @@ async def test_master_that_only_dials_out():
     reactor = _reactor()
     key = crypto.generate_network_key()
     mesh = ProxyMesh(reactor)
-    nodes = [DistributedTable(port=0, key=key, master=i == 0, reactor=reactor,
-                              interface="127.0.0.1", connect_ssl=mesh.connector(str(i)),
-                              **FAST)
-             for i in range(4)]
+    nodes = await start_nodes(4, key, mesh)
     try:
-        for node in nodes:
-            node.startService()
-        await DeferredList([n.when_started() for n in nodes], fireOnOneErrback=True)
         master_address = f"127.0.0.1:{nodes[0].listening_port}"
         mesh.partition(lambda source, target: target == master_address)
         nodes[0].add_peer(f"127.0.0.1:{nodes[1].listening_port}")
