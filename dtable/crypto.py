@@ -15,7 +15,10 @@ This layer owns everything derived from the operator's network key:
     (L{tls_options}) and reading a peer's node id from its certificate
     (L{node_id_from_certificate});
   - Ed25519 master signatures as hex strings (L{sign}, L{verify},
-    L{public_key_hex}).
+    L{public_key_hex});
+  - a separate master key pair, for networks where holding the network key
+    must not be enough to change the table (L{generate_master_key},
+    L{parse_master_key}, L{load_master_key}, L{parse_master_public_key}).
 
 It knows nothing of sockets, connections, the reactor or the wire format: it
 hands out values and a L{CertificateOptions}, and callers do the I/O.
@@ -65,6 +68,12 @@ __all__ = [
     "public_key_hex",
     "sign",
     "verify",
+    "MASTER_KEY_PREFIX",
+    "MasterKeyError",
+    "generate_master_key",
+    "parse_master_key",
+    "load_master_key",
+    "parse_master_public_key",
 ]
 
 KEY_PREFIX = "dtable-key-v1:"
@@ -75,6 +84,10 @@ MIN_SECRET_BYTES = 32
 MIN_DISTINCT_CHARACTERS = 12
 
 _KEYGEN_HINT = "make a good one with: python -m dtable keygen > net.key"
+
+MASTER_KEY_PREFIX = "dtable-master-key-v1:"
+_MASTER_KEYGEN_HINT = (
+    "make a master key pair with: python -m dtable master-keygen -o master.key")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 # Changing any of these changes every derived CA: they are part of the
@@ -503,3 +516,111 @@ def verify(public_hex: str, data: bytes, signature_hex: str) -> bool:
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
+
+
+# --- a separate master key pair -------------------------------------------
+
+
+class MasterKeyError(ValueError):
+    """
+    A master key or master public key is missing, malformed or unreadable.
+
+    C{str()} of the exception is a complete message for an operator.
+    """
+
+
+def generate_master_key() -> str:
+    """
+    Make a new master signing key.
+
+    @return: L{MASTER_KEY_PREFIX} followed by a fresh Ed25519 private key
+        (its 32-byte seed) in unpadded base64url, suitable for writing to a
+        key file as is. Its public half, for every other node, is
+        C{public_key_hex(parse_master_key(text))}.
+    """
+    raw = Ed25519PrivateKey.generate().private_bytes(
+        encoding=serialization.Encoding.Raw,
+        format=serialization.PrivateFormat.Raw,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    encoded = base64.urlsafe_b64encode(raw).rstrip(b"=")
+    return MASTER_KEY_PREFIX + encoded.decode("ascii")
+
+
+def parse_master_key(text: str | bytes) -> Ed25519PrivateKey:
+    """
+    Read a master key made by L{generate_master_key}.
+
+    @param text: the key as read from its file; surrounding whitespace is
+        ignored.
+
+    @return: the master's signing key.
+
+    @raise MasterKeyError: if it is not a master key (a network key given
+        by mistake is named as such).
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = text.strip()
+    if text.startswith(KEY_PREFIX):
+        raise MasterKeyError(
+            "this is a network key, not a master key; " + _MASTER_KEYGEN_HINT)
+    if not text.startswith(MASTER_KEY_PREFIX):
+        raise MasterKeyError(
+            f"a master key starts with {MASTER_KEY_PREFIX!r}; {_MASTER_KEYGEN_HINT}")
+    encoded = text[len(MASTER_KEY_PREFIX):]
+    if _BASE64URL.fullmatch(encoded) is None or len(encoded) != 43:
+        raise MasterKeyError(
+            "the master key is not 32 bytes of unpadded base64url (truncated?); "
+            + _MASTER_KEYGEN_HINT)
+    raw = base64.urlsafe_b64decode(encoded + "=")
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def load_master_key(path: str) -> Ed25519PrivateKey:
+    """
+    Read a master key file and check it with L{parse_master_key}.
+
+    @raise MasterKeyError: if the file cannot be read or holds no master
+        key; the message names the path.
+    """
+    try:
+        with open(path, "rb") as key_file:
+            content = key_file.read()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise MasterKeyError(f"cannot read the master key file {path!r}: {reason}") from None
+    try:
+        return parse_master_key(content)
+    except MasterKeyError as error:
+        raise MasterKeyError(f"{path!r}: {error}") from None
+
+
+def parse_master_public_key(text: str) -> str:
+    """
+    Check a master public key as an operator gives it.
+
+    @param text: 64 hex characters (either case; surrounding whitespace is
+        ignored), as C{python -m dtable master-keygen} prints it.
+
+    @return: the key as 64 lowercase hex characters, the form heads carry.
+
+    @raise MasterKeyError: if it is not 64 hex characters, or not a valid
+        Ed25519 public key.
+    """
+    if not isinstance(text, str):
+        raise MasterKeyError("the master public key must be text")
+    value = text.strip().lower()
+    if _PUBLIC_KEY_HEX.fullmatch(value) is None:
+        if value.startswith(MASTER_KEY_PREFIX):
+            raise MasterKeyError(
+                "this is the master's private key; give the other nodes only its "
+                "public key, as python -m dtable master-keygen printed it")
+        raise MasterKeyError(
+            "the master public key must be 64 hex characters, as python -m dtable "
+            "master-keygen prints it")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(value))
+    except ValueError:
+        raise MasterKeyError("the master public key is not a valid Ed25519 key") from None
+    return value

@@ -18,7 +18,7 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase
 
 from dtable.__main__ import main
-from dtable.crypto import parse_network_key
+from dtable.crypto import load_master_key, parse_network_key, public_key_hex
 
 #: Seconds a child may run: the demo's own bound is 30 s of waiting.
 CHILD_TIMEOUT = 45
@@ -79,6 +79,41 @@ class KeygenTests(SynchronousTestCase):
             self.assertEqual(f.read(), key)
 
 
+class MasterKeygenTests(SynchronousTestCase):
+    def test_master_keygen(self) -> None:
+        """
+        master-keygen writes the private half to a new owner-only file and
+        prints the public half, which master-public-key prints again.
+        """
+        directory = tempfile.mkdtemp(prefix="dtable-cli-")
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "master.key")
+        result = run_dtable("master-keygen", "--output", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        public = result.stdout.strip()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        key = load_master_key(path)
+        self.assertEqual(public_key_hex(key), public)
+        again = run_dtable("master-public-key", path)
+        self.assertEqual((again.returncode, again.stdout.strip()), (0, public))
+        # It never overwrites a key.
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            self.assertEqual(main(["master-keygen", "--output", path]), 1)
+        self.assertIn(path, stderr.getvalue())
+        self.assertEqual(public_key_hex(load_master_key(path)), public)
+
+    def test_master_public_key_of_a_bad_file(self) -> None:
+        directory = tempfile.mkdtemp(prefix="dtable-cli-")
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "net.key")
+        self.assertEqual(main(["keygen", "--output", path]), 0)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(main(["master-public-key", path]), 1)
+        self.assertIn("network key, not a master key", stderr.getvalue())
+
+
 class UsageTests(SynchronousTestCase):
     def assert_usage_error(self, argv: list[str], *fragments: str) -> None:
         stderr = io.StringIO()
@@ -92,7 +127,10 @@ class UsageTests(SynchronousTestCase):
             self.assertIn(fragment, stderr.getvalue())
 
     def test_no_command(self) -> None:
-        self.assert_usage_error([], "usage:", "keygen", "demo")
+        self.assert_usage_error([], "usage:", "keygen", "master-keygen", "demo")
+
+    def test_master_keygen_needs_output(self) -> None:
+        self.assert_usage_error(["master-keygen"], "--output")
 
     def test_unknown_command(self) -> None:
         self.assert_usage_error(["serve"], "serve")
