@@ -38,6 +38,14 @@ _HEX = "0123456789abcdef"
 _PARALLEL = 32
 #: Walks restarted because the peer moved on, before giving up.
 _WALK_ATTEMPTS = 3
+#: The largest subtree whose hashes a diff answer lists. A walk asks only
+#: for leaves (at most LEAF_MAX hashes); the margin covers a peer that
+#: moved on since, and the cap stops anyone from asking for a whole table.
+MAX_DIFF_HASHES = 16 * LEAF_MAX
+#: The most bytes of objects or batches one answer carries, by default: a
+#: peer with the default max_frame reads them. Fetch answers past it carry
+#: what fits, and the asker asks again for the rest.
+DEFAULT_ANSWER_BYTES = 32 * 1024 * 1024
 
 
 class PeerMoved(Exception):
@@ -174,39 +182,61 @@ async def reconcile(replica: Replica, request: Request, fetch_chunk: int) -> Cha
             if short in by_short:
                 to_remove.add(by_short[short])
 
-    wanted = sorted(to_add)
-    chunks = [wanted[i:i + fetch_chunk] for i in range(0, len(wanted), fetch_chunk)]
-    fetched: dict[str, tuple[dict, bytes]] = {}
-    answers = await _bounded([
-        lambda c=c: request(lambda rid: wire.fetch(rid, c)) for c in chunks])
-    for chunk, answer in zip(chunks, answers):
-        if not isinstance(answer, wire.Objects):
-            raise ProtocolViolation("answered a fetch with something else")
-        asked = set(chunk)
-        for obj in answer.objects:
-            try:
-                data = canonical_bytes(obj)
-            except InvalidObjectError as e:
-                raise ProtocolViolation(f"sent an invalid object: {e}")
-            h = hash_bytes(data)
-            if h not in asked:
-                raise ProtocolViolation("sent an object that was not asked for")
-            fetched[h] = (obj, data)
-    if len(fetched) != len(to_add):
-        # The peer dropped objects since it listed them.
-        raise PeerMoved("objects vanished while they were fetched")
+    fetched = await _fetch(request, sorted(to_add), fetch_chunk)
     if replica.head.rev >= head.rev:
         return None
     return replica.install(head, fetched, to_remove)
 
 
+async def _fetch(request: Request, wanted: list[str],
+                 fetch_chunk: int) -> dict[str, tuple[dict, bytes]]:
+    """
+    Fetch the objects C{wanted}, in chunks; a peer may answer a chunk with
+    part of it (its answers are bounded in bytes), and the rest is asked for
+    again until everything arrived.
+
+    @raise PeerMoved: if an answer brought none of what it was asked for
+        (the peer dropped those objects since it listed them).
+    """
+    fetched: dict[str, tuple[dict, bytes]] = {}
+    while wanted:
+        chunks = [wanted[i:i + fetch_chunk] for i in range(0, len(wanted), fetch_chunk)]
+        answers = await _bounded([
+            lambda c=c: request(lambda rid: wire.fetch(rid, c)) for c in chunks])
+        for chunk, answer in zip(chunks, answers):
+            if not isinstance(answer, wire.Objects):
+                raise ProtocolViolation("answered a fetch with something else")
+            if not answer.objects:
+                raise PeerMoved("objects vanished while they were fetched")
+            asked = set(chunk)
+            for obj in answer.objects:
+                try:
+                    data = canonical_bytes(obj)
+                except InvalidObjectError as e:
+                    raise ProtocolViolation(f"sent an invalid object: {e}")
+                h = hash_bytes(data)
+                if h not in asked:
+                    raise ProtocolViolation("sent an object that was not asked for")
+                fetched[h] = (obj, data)
+        wanted = [h for h in wanted if h not in fetched]
+    return fetched
+
+
 # The node ahead --------------------------------------------------------------
 
 
-def serve_log(replica: Replica, request: wire.LogRequest) -> bytes:
+def serve_log(replica: Replica, request: wire.LogRequest,
+              max_bytes: int = DEFAULT_ANSWER_BYTES) -> bytes:
+    """
+    The batches after C{request.since}, or a refusal if the log does not
+    reach back that far or they are more than C{max_bytes}.
+    """
     frames = replica.log.since(request.since)
     if frames is None:
         return wire.refusal(request.id, f"revision {request.since} is not in the log")
+    if sum(len(frame) for frame in frames) > max_bytes:
+        return wire.refusal(request.id, f"the batches since {request.since} are more "
+                            f"than {max_bytes} bytes")
     return wire.log_entries(request.id, frames)
 
 
@@ -223,6 +253,14 @@ def serve_tree(replica: Replica, request: wire.TreeRequest) -> bytes:
 
 
 def serve_diff(replica: Replica, request: wire.DiffRequest) -> bytes:
+    """
+    Compare the asker's short hashes under a prefix with ours; refused for
+    a prefix that holds more than L{MAX_DIFF_HASHES} of ours.
+    """
+    count = replica.table.node(request.prefix).count
+    if count > MAX_DIFF_HASHES:
+        return wire.refusal(request.id, f"prefix {request.prefix!r} holds {count} "
+                            f"objects; ask for its subtrees")
     ours = replica.table.leaf_hashes(request.prefix)
     theirs = set(request.have)
     missing = [h for h in ours if _short(h) not in theirs]
@@ -231,6 +269,21 @@ def serve_diff(replica: Replica, request: wire.DiffRequest) -> bytes:
     return wire.diff(request.id, replica.head.rev, missing, extra)
 
 
-def serve_fetch(replica: Replica, request: wire.Fetch) -> bytes:
+def serve_fetch(replica: Replica, request: wire.Fetch,
+                max_bytes: int = DEFAULT_ANSWER_BYTES) -> bytes:
+    """
+    The objects asked for that this node holds, in the order asked, as many
+    as fit in C{max_bytes} (always at least one).
+    """
     data = replica.data(request.hashes)
-    return wire.objects(request.id, [data[h] for h in request.hashes if h in data])
+    answer: list[bytes] = []
+    size = 0
+    for h in request.hashes:
+        item = data.get(h)
+        if item is None:
+            continue
+        if answer and size + len(item) > max_bytes:
+            break
+        answer.append(item)
+        size += len(item)
+    return wire.objects(request.id, answer)

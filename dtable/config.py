@@ -45,6 +45,31 @@ def _debug(instance: Any, attribute: attrs.Attribute, value: int) -> None:
         raise ConfigError(f"debug must be 0, 1, 2 or 3, not {value!r}")
 
 
+def _depth(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not 1 <= value <= 8:
+        raise ConfigError(f"{attribute.name} must be 1-8 (groups of 16 bits), not {value!r}")
+
+
+def _master_public_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from dtable.crypto import MasterKeyError, parse_master_public_key
+
+    try:
+        return parse_master_public_key(value)
+    except MasterKeyError as e:
+        raise ConfigError(f"master_public_key: {e}") from None
+
+
+def _command(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if "{address}" not in value:
+        raise ConfigError(
+            f"block_command and unblock_command must contain {{address}}, not {value!r}")
+    return value
+
+
 def _peers(value: Any) -> tuple[PeerAddress, ...]:
     return tuple(
         p if isinstance(p, PeerAddress) else PeerAddress.parse(str(p)) for p in value
@@ -69,6 +94,14 @@ class Config:
         network at every start.
     @ivar learn_peers: learn other nodes' addresses from peers; without it a
         node links only to the addresses it was given.
+    @ivar master_public_key: the public half of a separate master key pair
+        (64 hex characters); None trusts the master key derived from the
+        network key. The master itself is given the private half (see
+        L{dtable.service.DistributedTable}'s C{master_key}).
+    @ivar block_command: with C{unblock_command}, a command run (without a
+        shell; C{{address}} is replaced) when the firewall blocks or
+        unblocks an address or subnet, to apply the block in the host's
+        firewall; None runs nothing.
     """
 
     port: int = attrs.field(default=9999, validator=_port)
@@ -79,6 +112,7 @@ class Config:
     data_dir: str | None = None
     memory: bool = False
     learn_peers: bool = True
+    master_public_key: str | None = attrs.field(default=None, converter=_master_public_key)
 
     # Liveness and the overlay.
     ping_interval: float = attrs.field(default=2.0, validator=_positive)
@@ -111,6 +145,19 @@ class Config:
     log_max_batches: int = attrs.field(default=10_000, validator=_positive)
     log_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
 
+    # The firewall (the seed's node-ip-ac defaults).
+    warn_after_new_connections: int = attrs.field(default=80, validator=_positive)
+    block_after_new_connections: int = attrs.field(default=600, validator=_positive)
+    block_after_failures: int = attrs.field(default=30, validator=_positive)
+    block_for: float = attrs.field(default=3600.0, validator=_positive)
+    ipv6_group_depth: int = attrs.field(default=4, validator=_depth)
+    ipv6_subnet_breach: int = attrs.field(default=40, validator=_positive)
+    never_block: bool = False
+    firewall_max_addresses: int = attrs.field(default=100_000, validator=_positive)
+    block_command: str | None = attrs.field(default=None, converter=_command)
+    unblock_command: str | None = attrs.field(default=None, converter=_command)
+    max_pending_handshakes: int = attrs.field(default=256, validator=_positive)
+
     # Frames and buffers.
     hello_max_frame: int = attrs.field(default=16 * 1024, validator=_positive)
     max_frame: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
@@ -121,6 +168,10 @@ class Config:
             raise ConfigError(
                 "reconnect_max_delay must not be smaller than reconnect_initial_delay"
             )
+        from dtable.wire import MAX_FETCH
+
+        if self.fetch_chunk > MAX_FETCH:
+            raise ConfigError(f"fetch_chunk must be at most {MAX_FETCH}, not {self.fetch_chunk}")
         if self.max_frame < self.hello_max_frame:
             raise ConfigError("max_frame must not be smaller than hello_max_frame")
         if self.port == 0 and self.data_dir is None and not self.memory:
@@ -153,6 +204,44 @@ class Config:
         A link that has said nothing for this long is dead.
         """
         return 2 * self.ping_interval
+
+
+def master_signing_key(master_key: Any, config: Config) -> Any:
+    """
+    The master's own signing key from C{master_key}, checked against the
+    configuration.
+
+    @param master_key: the private half of a separate master key pair (its
+        text or an Ed25519 private key), or None.
+
+    @return: the key, or None to sign with the key derived from the network
+        key.
+
+    @raise ConfigError: if the keys do not fit the node's role or each other.
+    @raise dtable.crypto.MasterKeyError: if C{master_key} is malformed.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from dtable import crypto
+
+    if master_key is None:
+        if config.master and config.master_public_key is not None:
+            raise ConfigError(
+                "the master needs the private half of its master key pair "
+                "(master_key, or --master-key-file), not only master_public_key")
+        return None
+    if not config.master:
+        raise ConfigError(
+            "master_key is for the master only; give the other nodes its public "
+            "half as master_public_key")
+    key = (master_key if isinstance(master_key, Ed25519PrivateKey)
+           else crypto.parse_master_key(master_key))
+    public = crypto.public_key_hex(key)
+    if config.master_public_key not in (None, public):
+        raise ConfigError(
+            f"master_public_key {config.master_public_key} is not the public half of "
+            f"master_key (which is {public})")
+    return key
 
 
 #: The names of Config's fields that are intervals in seconds, in the order

@@ -15,12 +15,14 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ClientFactory, ReconnectingClientFactory, ServerFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from dtable.protocol import PeerProtocol
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IConnector, IReactorTime
+    from twisted.internet.interfaces import IAddress, IConnector, IReactorTime
+    from twisted.internet.ssl import CertificateOptions
 
     from dtable.config import Config
     from dtable.peers import PeerAddress
@@ -47,6 +49,32 @@ class LinkServerFactory(ServerFactory):
         self.accepted.add(protocol)
         protocol.when_lost().addBoth(lambda _: self.accepted.discard(protocol))
         return protocol
+
+
+    @property
+    def pending_handshakes(self) -> int:
+        """
+        Accepted connections whose hello has not been accepted yet.
+        """
+        return sum(1 for protocol in self.accepted if protocol.hello is None)
+
+
+class GuardedTLSFactory(TLSMemoryBIOFactory):
+    """
+    The listening side's TLS, with an admission check in front: a
+    connection that C{admit(address)} refuses is closed as it is accepted,
+    before any TLS work or protocol is spent on it.
+    """
+
+    def __init__(self, tls: "CertificateOptions", factory: LinkServerFactory,
+                 admit: Callable[["IAddress"], bool]) -> None:
+        super().__init__(tls, False, factory)
+        self._admit = admit
+
+    def buildProtocol(self, addr: "IAddress"):
+        if not self._admit(addr):
+            return None
+        return super().buildProtocol(addr)
 
 
 class LinkClientFactory(ReconnectingClientFactory):

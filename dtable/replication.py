@@ -200,6 +200,9 @@ class Replica:
         Read the stored state's hashes into the table.
 
         @raise ValueError: if the stored objects do not match the stored head.
+        @raise BadHead: if the stored head is not signed by the master key
+            this replica trusts; the table holds the stored hashes, and
+            L{resign} or L{reset} make the state one this replica can serve.
         """
         head = self._store.head()
         self.table.clear()
@@ -209,7 +212,32 @@ class Replica:
             raise ValueError(
                 f"stored table does not match its head at revision {head.rev}"
             )
+        self._verifier.check(head)
         self.head = head
+
+    def resign(self, signer: HeadSigner) -> Head:
+        """
+        The master's answer to a stored state its key did not sign: the same
+        table, signed by C{signer} as the next revision after the stored one.
+        """
+        stored = self._store.head()
+        head = signer.sign(stored.rev + 1, stored.rev, self.table.root())
+        self._commit(head, [], [])
+        self.log.clear()
+        return head
+
+    def reset(self) -> int:
+        """
+        Drop the stored state and start from the empty table at revision 0.
+
+        @return: how many objects were dropped.
+        """
+        hashes = list(self.table)
+        self.table.clear()
+        self._store.commit(Head(rev=0, base=0, root=EMPTY_ROOT), [], hashes)
+        self.head = Head(rev=0, base=0, root=EMPTY_ROOT)
+        self.log.clear()
+        return len(hashes)
 
     # Reading -----------------------------------------------------------------
 

@@ -12,13 +12,16 @@ L{dtable.replication}, L{dtable.broadcast} and L{dtable.peers}.
 from __future__ import annotations
 
 import ipaddress
+import os
+import shlex
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,9 +31,10 @@ from dtable.broadcast import DuplicateFilter, new_message_id
 from dtable.canonical import (
     InvalidObjectError, canonical_bytes, hash_bytes, is_hash,
 )
-from dtable.config import Config
+from dtable.config import Config, master_signing_key
 from dtable.interfaces import IStore, ITableObserver
-from dtable.links import LinkServerFactory, PeerConnection, ProbeFactory
+from dtable.firewall import Firewall, FirewallEvent
+from dtable.links import GuardedTLSFactory, LinkServerFactory, PeerConnection, ProbeFactory
 from dtable.peers import (
     ComponentTracker, PeerAddress, PeerDirectory, PrimaryPolicy, normalize_host,
 )
@@ -47,6 +51,10 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IListeningPort
 
 log = Logger(namespace="dtable")
+
+# Connections the kernel may queue before accept: enough for a burst of
+# honest peers during an attack, which the firewall then sorts out.
+_BACKLOG = 128
 
 EVENTS = ("started", "object_added", "object_removed", "message_received", "error")
 
@@ -94,6 +102,12 @@ class DistributedTable(MultiService):
         SQLite file in C{data_dir} (see L{dtable.config.Config}), or memory
         with C{memory=True}.
     @param reactor: the reactor to use; the global one by default.
+    @param master_key: on the master, the private half of a separate master
+        key pair (the text C{python -m dtable master-keygen} wrote, or an
+        Ed25519 private key); the other nodes are given its public half as
+        C{master_public_key}. Without either, batches are signed with a key
+        derived from the network key, so every holder of the network key
+        can sign (the seed's trust model).
     @param connect_ssl: how to dial a peer, with the signature of
         C{reactor.connectSSL(host, port, factory, contextFactory, timeout)};
         by default the reactor's. Tests use it to route links through
@@ -101,6 +115,7 @@ class DistributedTable(MultiService):
     @param options: any other field of L{dtable.config.Config}.
 
     @raise dtable.crypto.WeakKeyError: if the key is missing or weak.
+    @raise dtable.crypto.MasterKeyError: if C{master_key} is malformed.
     @raise dtable.config.ConfigError: if an option is out of range.
     @raise dtable.peers.AddressError: if a peer address is malformed.
     """
@@ -108,7 +123,7 @@ class DistributedTable(MultiService):
     def __init__(self, port: int = 9999, key: str | bytes | None = None,
                  peers: Iterable[str | PeerAddress] = (), master: bool = False, *,
                  store: IStore | None = None, reactor: Any = None,
-                 config: Config | None = None,
+                 config: Config | None = None, master_key: Any = None,
                  connect_ssl: Callable[..., Any] | None = None, **options: Any) -> None:
         super().__init__()
         if reactor is None:
@@ -122,6 +137,7 @@ class DistributedTable(MultiService):
         if config is None:
             config = Config(port=port, peers=tuple(peers), master=master, **options)
         self.config = config
+        self._master_key = master_signing_key(master_key, config)
         self.reactor = reactor
         self._connect_ssl = connect_ssl if connect_ssl is not None else reactor.connectSSL
         self.node_id = crypto.new_node_id()
@@ -143,6 +159,24 @@ class DistributedTable(MultiService):
         self._started_at = 0.0
         self.messages = DuplicateFilter(reactor, config.message_ttl,
                                         config.message_filter_size)
+        #: Who may connect: per-address counts, warnings and blocks.
+        self.firewall = Firewall(
+            reactor,
+            warn_after_new_connections=config.warn_after_new_connections,
+            block_after_new_connections=config.block_after_new_connections,
+            block_after_failures=config.block_after_failures,
+            block_for=config.block_for,
+            ipv6_group_depth=config.ipv6_group_depth,
+            ipv6_subnet_breach=config.ipv6_subnet_breach,
+            never_block=config.never_block,
+            max_addresses=config.firewall_max_addresses,
+            on_block=self._blocked,
+            on_unblock=self._unblocked,
+        )
+        self._block_callbacks: list[Callable[[FirewallEvent], None]] = []
+        #: Connections refused because too many handshakes were in progress.
+        self.refused_busy = 0
+        self._refused_busy_logged = 0
         self._observers: list[Any] = []
         self._watchers: list[Callable[[], None]] = []
         self._links: list[PeerProtocol] = []
@@ -200,6 +234,15 @@ class DistributedTable(MultiService):
         """
         self._watchers.append(callback)
         return lambda: self._watchers.remove(callback)
+
+    def on_block(self, callback: Callable[[FirewallEvent], None]) -> Callable[[], None]:
+        """
+        Call C{callback(event)} whenever the firewall blocks an address or a
+        subnet (a L{dtable.firewall.FirewallEvent}). Returns a function that
+        stops the calls.
+        """
+        self._block_callbacks.append(callback)
+        return lambda: self._block_callbacks.remove(callback)
 
     def _changed(self) -> None:
         for callback in list(self._watchers):
@@ -409,13 +452,22 @@ class DistributedTable(MultiService):
         network = crypto.derive_network(self._secret)
         identity = crypto.issue_node_certificate(network, self.node_id)
         self._tls = crypto.tls_options(network, identity)
-        self._signer = HeadSigner(network.network_id, network.master_key)
-        verifier = HeadVerifier(network.network_id, self._signer.public)
+        if self._master_key is not None:
+            self._signer = HeadSigner(network.network_id, self._master_key)
+            trusted = self._signer.public
+        elif self.config.master_public_key is not None:
+            trusted = self.config.master_public_key
+        else:
+            self._signer = HeadSigner(network.network_id, network.master_key)
+            trusted = self._signer.public
+        if not self.config.master:
+            self._signer = None
+        verifier = HeadVerifier(network.network_id, trusted)
         self._store.open()
         self._replica = Replica(
             self.table, self._store, verifier,
             BatchLog(self.config.log_max_batches, self.config.log_max_bytes))
-        self._replica.load()
+        self._load()
         self._window = BatchWindow(self.reactor, self.config.batch_window,
                                    self.config.batch_max_ops, self._publish)
         await self._listen()
@@ -441,6 +493,29 @@ class DistributedTable(MultiService):
         for d in self._take(self._started_waiters):
             d.callback(self)
 
+    def _load(self) -> None:
+        """
+        Load the stored table. A stored state that is not signed by the
+        master key this node trusts (the master key changed, or the node
+        was moved to another network's data) is not served: the master
+        signs it again as its next revision, any other node starts empty
+        and catches up from the network.
+        """
+        try:
+            self._replica.load()
+            return
+        except BadHead as e:
+            reason = str(e)
+        if self._signer is not None:
+            head = self._replica.resign(self._signer)
+            log.warn("the stored table was not signed by this master's key ({reason}); "
+                     "signed it again as revision {rev}", reason=reason, rev=head.rev)
+        else:
+            removed = self._replica.reset()
+            log.warn("the stored table is not signed by the master key this node "
+                     "trusts ({reason}); dropped its {count} objects, to be caught up "
+                     "from the network", reason=reason, count=removed)
+
     @staticmethod
     def _take(waiters: list[Deferred]) -> list[Deferred]:
         taken = list(waiters)
@@ -449,15 +524,17 @@ class DistributedTable(MultiService):
 
     async def _listen(self) -> None:
         factory = self._server_factory = LinkServerFactory(self, self.reactor, self.config)
+        guarded = GuardedTLSFactory(self._tls, factory, self._admit)
         interfaces = ([self.config.interface] if self.config.interface is not None
                       else ["::", "0.0.0.0"])
         port = self.config.port
         errors = []
         for interface in interfaces:
-            endpoint = SSL4ServerEndpoint(self.reactor, port, self._tls,
-                                          interface=interface)
+            endpoint_type = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+            endpoint = endpoint_type(self.reactor, port, backlog=_BACKLOG,
+                                     interface=interface)
             try:
-                listening = await endpoint.listen(factory)
+                listening = await endpoint.listen(guarded)
             except CannotListenError as e:
                 errors.append(e)
                 continue
@@ -466,6 +543,63 @@ class DistributedTable(MultiService):
             port = listening.getHost().port
         if not self._ports:
             raise errors[0]
+
+    def _admit(self, address: Any) -> bool:
+        """
+        Whether to accept a new inbound connection: not while stopping, not
+        past C{max_pending_handshakes}, not from an address the firewall
+        blocks. Every accepted connection counts in the firewall until the
+        peer authenticates.
+        """
+        if self._stopping or self._server_factory is None:
+            return False
+        host = normalize_host(getattr(address, "host", ""))
+        if self._server_factory.pending_handshakes >= self.config.max_pending_handshakes:
+            self.refused_busy += 1
+            return False
+        try:
+            return self.firewall.connection(host)
+        except ValueError:
+            # Not an IP address (a UNIX socket in an embedding): nothing to count.
+            return True
+
+    def _peer_host(self, link: PeerProtocol) -> str | None:
+        if link.transport is None:
+            return None
+        return normalize_host(getattr(link.transport.getPeer(), "host", "")) or None
+
+    def _blocked(self, event: FirewallEvent) -> None:
+        self._run_firewall_command(self.config.block_command, event)
+        for callback in list(self._block_callbacks):
+            try:
+                callback(event)
+            except Exception:
+                log.failure("block callback {callback!r} failed", callback=callback)
+        self._changed()
+
+    def _unblocked(self, event: FirewallEvent) -> None:
+        self._run_firewall_command(self.config.unblock_command, event)
+        self._changed()
+
+    def _run_firewall_command(self, template: str | None, event: FirewallEvent) -> None:
+        """
+        Apply a block or its end in the host's firewall: run the configured
+        command without a shell, C{{address}} replaced, and log its outcome.
+        """
+        if template is None:
+            return
+        argv = [part.replace("{address}", event.address) for part in shlex.split(template)]
+        d = getProcessOutputAndValue(argv[0], argv[1:], env=os.environ,
+                                     reactor=self.reactor)
+
+        def done(result: tuple[bytes, bytes, int]) -> None:
+            out, err, code = result
+            if code != 0:
+                log.warn("firewall command {argv} exited with {code}: {stderr}",
+                         argv=argv, code=code, stderr=err.decode("utf-8", "replace").strip())
+
+        d.addCallbacks(done, lambda f: log.failure(
+            "firewall command {argv} could not run", f, argv=argv))
 
     def stopService(self) -> Deferred:
         """
@@ -505,7 +639,8 @@ class DistributedTable(MultiService):
         self._extra.clear()
         self._defrag = None
         ports, self._ports = self._ports, []
-        await DeferredList([port.stopListening() for port in ports])
+        # stopListening may return a Deferred, or None once it is done.
+        await DeferredList([maybeDeferred(port.stopListening) for port in ports])
         # Accepted connections that are not links (probes being answered,
         # handshakes not finished) are closed too.
         open_links = set(self._links)
@@ -625,6 +760,12 @@ class DistributedTable(MultiService):
         primary if another node is clearly better, and merge fragments.
         """
         now = self.reactor.seconds()
+        self.firewall.expire()
+        if self.refused_busy > self._refused_busy_logged:
+            log.warn("refused {count} connections so far: {limit} handshakes were "
+                     "already in progress", count=self.refused_busy,
+                     limit=self.config.max_pending_handshakes)
+            self._refused_busy_logged = self.refused_busy
         for address in self.directory.purge(now, self.config.purge_after):
             self._overlay_log.debug("forgot {address}: unreachable", address=address)
         known = self._known_nodes()
@@ -803,6 +944,13 @@ class DistributedTable(MultiService):
                     self._rotate_primary()
             return "connected to itself"
         now = self.reactor.seconds()
+        if not link.outbound:
+            host = self._peer_host(link)
+            if host is not None:
+                try:
+                    self.firewall.authenticated(host)
+                except ValueError:
+                    pass
         if link.outbound and link.role == "probe":
             self.directory.record_success(link.address, hello.node_id, now)
             Deferred.fromCoroutine(self._run_probe(link))
@@ -864,8 +1012,17 @@ class DistributedTable(MultiService):
             self.directory.record_rtt(address, seconds)
 
     def violation(self, link: PeerProtocol, reason: str) -> None:
-        # The firewall will count these; for now the log says it.
-        pass
+        # A connection this node dialled that failed before its hello says
+        # nothing about the address (it may be down, or not a node); anything
+        # else is the peer's doing.
+        if link.outbound and link.hello is None:
+            return
+        host = self._peer_host(link)
+        if host is not None and not self._stopping:
+            try:
+                self.firewall.failure(host, reason)
+            except ValueError:
+                pass
 
     def frame_received(self, link: PeerProtocol, message: Any, frame: bytes) -> None:
         if isinstance(message, wire.Batch):
@@ -880,15 +1037,21 @@ class DistributedTable(MultiService):
             self._note_head(link, message.head)
             self._maybe_catch_up()
         elif isinstance(message, wire.LogRequest):
-            link.send_frame(catchup.serve_log(self._replica, message))
+            link.send_frame(catchup.serve_log(self._replica, message, self._answer_bytes))
         elif isinstance(message, wire.TreeRequest):
             link.send_frame(catchup.serve_tree(self._replica, message))
         elif isinstance(message, wire.DiffRequest):
             link.send_frame(catchup.serve_diff(self._replica, message))
         elif isinstance(message, wire.Fetch):
-            link.send_frame(catchup.serve_fetch(self._replica, message))
+            link.send_frame(catchup.serve_fetch(self._replica, message, self._answer_bytes))
         else:
             raise ProtocolViolation(f"unexpected {type(message).__name__}")
+
+    @property
+    def _answer_bytes(self) -> int:
+        # Room for the answer's envelope within a peer's max_frame (peers
+        # of one network are expected to share it).
+        return max(1, self.config.max_frame // 2)
 
     # Replication --------------------------------------------------------------
 
@@ -912,9 +1075,11 @@ class DistributedTable(MultiService):
         try:
             change = self._replica.apply_batch(batch, frame)
         except BatchRejected as e:
+            # The head is the master's, so the sender changed what it
+            # carries: no honest relay forwards a batch it did not apply.
             self._report(f"batch {batch.head.rev} rejected: {e.reason}", link.node_id)
-            self._maybe_catch_up()
-            return
+            raise ProtocolViolation(f"sent batch {batch.head.rev} that does not apply: "
+                                    f"{e.reason}")
         self._emit_change(change)
         self._flood(frame, link)
 

@@ -15,7 +15,7 @@ import attrs
 from twisted.python import usage
 
 from dtable import crypto
-from dtable.config import Config, ConfigError
+from dtable.config import Config, ConfigError, master_signing_key
 from dtable.peers import AddressError, PeerAddress
 
 #: Config fields offered as options, with their help text.
@@ -45,6 +45,14 @@ _TUNABLES: dict[str, str] = {
     "fetch_chunk": "Objects asked for in one catch-up request.",
     "log_max_batches": "Recent batches kept to serve peers that are a few revisions behind.",
     "log_max_bytes": "Bytes of recent batches kept at most.",
+    "warn_after_new_connections": "Firewall: warn about an address after this many connections that did not authenticate.",
+    "block_after_new_connections": "Firewall: block an address after this many connections that did not authenticate.",
+    "block_after_failures": "Firewall: block an address after this many failed handshakes or protocol violations within --block-for seconds.",
+    "block_for": "Firewall: seconds a block lasts.",
+    "ipv6_group_depth": "Firewall: IPv6 subnet levels, in 16-bit groups (4 groups is a /64).",
+    "ipv6_subnet_breach": "Firewall: blocked addresses that block their /64 (and this number squared its /48, and so on).",
+    "firewall_max_addresses": "Firewall: addresses tracked at most; the least recently seen are forgotten first.",
+    "max_pending_handshakes": "Inbound connections that may be between accept and hello at once; more are refused.",
     "hello_max_frame": "Largest frame accepted before the hello, in bytes.",
     "max_frame": "Largest frame accepted on a live link, in bytes.",
     "send_queue_limit": "Bytes that may wait for a slow peer before it is disconnected.",
@@ -86,11 +94,24 @@ class Options(usage.Options):
         ["master", "m", "This node is the master: only it adds and removes objects."],
         ["memory", None, "Keep the table in memory only (rebuilt from the network at every start)."],
         ["static-peers", None, "Link only to the --peer addresses; learn no others from peers."],
+        ["never-block", None, "Firewall: count and warn, but never block an address."],
     ]
     optParameters = [
         ["port", "p", 9999, "TCP port to listen on for peers (0 picks a free one).",
          _number("port", int)],
         ["key-file", "k", None, "File holding the network key."],
+        ["master-key-file", None, None,
+         "On the master: file holding the private half of a separate master key pair "
+         "(make one with: python -m dtable master-keygen -o master.key). Without it and "
+         "--master-public-key, any holder of the network key can sign changes."],
+        ["master-public-key", None, None,
+         "On the other nodes: the master's public key (64 hex characters, as "
+         "master-keygen printed it); only changes it signed are accepted."],
+        ["block-command", None, None,
+         "Firewall: command run when an address or subnet is blocked, {address} replaced "
+         "(e.g. \"iptables -I INPUT -s {address} -j DROP\"); run without a shell."],
+        ["unblock-command", None, None,
+         "Firewall: command run when a block ends, {address} replaced."],
         ["data-dir", None, None,
          "Directory of the node's table (default: dtable-PORT in the working directory)."],
         ["interface", None, None,
@@ -128,6 +149,12 @@ class Options(usage.Options):
             crypto.parse_network_key(self["key"])
         except crypto.WeakKeyError as e:
             raise usage.UsageError(f"--key-file {path}: {e}")
+        self["master_key"] = None
+        if self["master-key-file"]:
+            try:
+                self["master_key"] = crypto.load_master_key(self["master-key-file"])
+            except crypto.MasterKeyError as e:
+                raise usage.UsageError(f"--master-key-file: {e}")
         tunables = {name: self[name.replace("_", "-")] for name in _TUNABLES}
         try:
             self["config"] = Config(
@@ -139,10 +166,19 @@ class Options(usage.Options):
                 data_dir=self["data-dir"],
                 memory=bool(self["memory"]),
                 learn_peers=not self["static-peers"],
+                master_public_key=self["master-public-key"],
+                never_block=bool(self["never-block"]),
+                block_command=self["block-command"],
+                unblock_command=self["unblock-command"],
                 **tunables,
             )
         except ConfigError as e:
-            raise usage.UsageError(f"--{str(e).split()[0].replace('_', '-')}: {e}")
+            option = str(e).split()[0].rstrip(":").replace("_", "-")
+            raise usage.UsageError(f"--{option}: {e}")
+        try:
+            master_signing_key(self["master_key"], self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
 
 
 def makeService(options: Options, reactor: Any = None):
@@ -152,4 +188,4 @@ def makeService(options: Options, reactor: Any = None):
     from dtable.service import DistributedTable
 
     return DistributedTable(key=options["key"], config=options["config"],
-                            reactor=reactor)
+                            master_key=options["master_key"], reactor=reactor)

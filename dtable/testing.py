@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 
 from dtable import crypto
 from dtable.interfaces import TableObserver
@@ -108,6 +108,53 @@ def components(nodes: list[DistributedTable]) -> list[set[str]]:
     return parts
 
 
+class LogCapture:
+    """
+    A log observer that keeps every event while it is installed and fires
+    waiters on a matching one:
+
+        capture = LogCapture(reactor)
+        globalLogPublisher.addObserver(capture)
+        event = await capture.wait(lambda e: "dropping" in e.get("log_format", ""))
+    """
+
+    def __init__(self, reactor: Any = None) -> None:
+        self.events: list[dict] = []
+        self._reactor = reactor
+        self._waiters: list[tuple[Callable[[dict], bool], Deferred]] = []
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+        for waiter in list(self._waiters):
+            predicate, d = waiter
+            if predicate(event):
+                self._waiters.remove(waiter)
+                d.callback(event)
+
+    def matching(self, predicate: Callable[[dict], bool]) -> list[dict]:
+        """
+        The events seen so far for which C{predicate} holds.
+        """
+        return [event for event in self.events if predicate(event)]
+
+    def wait(self, predicate: Callable[[dict], bool], timeout: float = 30.0) -> Deferred:
+        """
+        A Deferred that fires with the first event (seen already, or to come)
+        for which C{predicate} holds; fails with
+        L{twisted.internet.defer.TimeoutError} after C{timeout} seconds.
+        """
+        for event in self.events:
+            if predicate(event):
+                return succeed(event)
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+            reactor = global_reactor
+        d: Deferred = Deferred()
+        self._waiters.append((predicate, d))
+        return d.addTimeout(timeout, reactor)
+
+
 class Recorder(TableObserver):
     """
     An observer that records every event as (name, args) in C{events}.
@@ -139,7 +186,9 @@ class LocalNetwork:
     """
     C{size} nodes on one loopback address in one reactor: node 0 is the
     master, and node i > 0 dials node C{links[i]} (by default node i - 1,
-    a chain).
+    a chain). With C{master_key} (from L{dtable.crypto.generate_master_key})
+    the master signs with it and every other node trusts only its public
+    half.
 
     @ivar nodes: the nodes, in order.
     @ivar recorders: a L{Recorder} per node.
@@ -147,14 +196,19 @@ class LocalNetwork:
 
     def __init__(self, reactor: Any, size: int = 3, key: str | None = None,
                  links: dict[int, list[int]] | None = None, master: bool = True,
-                 interface: str = "127.0.0.1", **options: Any) -> None:
+                 interface: str = "127.0.0.1", master_key: str | None = None,
+                 **options: Any) -> None:
         self.reactor = reactor
         self.key = key or crypto.generate_network_key()
         self.interface = interface
         self.links = links if links is not None else {i: [i - 1] for i in range(1, size)}
         self.options = {**FAST, **options}
+        if master_key is not None:
+            self.options["master_public_key"] = crypto.public_key_hex(
+                crypto.parse_master_key(master_key))
         self.nodes = [
             DistributedTable(port=0, key=self.key, master=master and i == 0,
+                             master_key=master_key if master and i == 0 else None,
                              reactor=reactor, interface=interface, **self.options)
             for i in range(size)
         ]

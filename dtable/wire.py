@@ -252,6 +252,8 @@ SHORT_HASH = 8
 DIGEST_BYTES = 16
 MAX_PREFIXES = 4096
 MAX_NODES = 256
+#: Objects one fetch may ask for.
+MAX_FETCH = 10_000
 _PREFIX = re.compile(r"\A[0-9a-f]{0,63}\Z")
 
 
@@ -385,7 +387,10 @@ def _message(p: dict[str, Any]) -> Message:
 
 def _fetch(p: dict[str, Any]) -> Fetch:
     _fields(p, "fetch", {"id", "hashes"})
-    return Fetch(id=_int(p["id"], "id"), hashes=_hashes(p["hashes"], "hashes"))
+    hashes = _hashes(p["hashes"], "hashes")
+    if len(hashes) > MAX_FETCH:
+        raise ProtocolViolation(f"at most {MAX_FETCH} hashes per fetch")
+    return Fetch(id=_int(p["id"], "id"), hashes=hashes)
 
 
 def _objects_message(p: dict[str, Any]) -> Objects:

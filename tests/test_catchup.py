@@ -51,8 +51,10 @@ class Wire:
     counts the bytes of both directions.
     """
 
-    def __init__(self, ahead: Replica) -> None:
+    def __init__(self, ahead: Replica,
+                 answer_bytes: int = catchup.DEFAULT_ANSWER_BYTES) -> None:
         self.ahead = ahead
+        self.answer_bytes = answer_bytes
         self.bytes = 0
         self.requests = 0
         self._ids = 0
@@ -63,11 +65,12 @@ class Wire:
         self.bytes += len(frame) + 4
         self.requests += 1
         message = wire.decode(frame)
+        bounded = functools.partial
         serve = {
-            wire.LogRequest: catchup.serve_log,
+            wire.LogRequest: bounded(catchup.serve_log, max_bytes=self.answer_bytes),
             wire.TreeRequest: catchup.serve_tree,
             wire.DiffRequest: catchup.serve_diff,
-            wire.Fetch: catchup.serve_fetch,
+            wire.Fetch: bounded(catchup.serve_fetch, max_bytes=self.answer_bytes),
         }[type(message)]
         answer_frame = serve(self.ahead, message)
         self.bytes += len(answer_frame) + 4
@@ -83,8 +86,9 @@ def publish(master: Replica, adds=(), removes=()) -> bytes:
     return published[1]
 
 
-def run(testcase, behind: Replica, ahead: Replica, chunk: int = 100):
-    link = Wire(ahead)
+def run(testcase, behind: Replica, ahead: Replica, chunk: int = 100,
+        answer_bytes: int = catchup.DEFAULT_ANSWER_BYTES):
+    link = Wire(ahead, answer_bytes)
     d = Deferred.fromCoroutine(catchup.catch_up(behind, link.request, chunk))
     how, changes = testcase.successResultOf(d)
     return how, changes, link
@@ -181,6 +185,53 @@ class CatchUpTests(SynchronousTestCase):
         self.assertEqual(how, "merkle")
         self.assertSame(replica, self.master)
         self.assertTrue(len(master_log) >= 3)
+
+
+class BoundedAnswerTests(SynchronousTestCase):
+    """
+    What one request can make the node ahead read and send is bounded.
+    """
+
+    def setUp(self) -> None:
+        self.master = make_replica()
+        publish(self.master, adds=[{"n": i, "pad": "x" * 100} for i in range(500)])
+
+    def test_fetch_answers_carry_what_fits_and_the_rest_is_asked_again(self) -> None:
+        self.master.log.clear()
+        replica = make_replica()
+        how, _, link = run(self, replica, self.master, chunk=100, answer_bytes=1000)
+        self.assertEqual(how, "merkle")
+        self.assertEqual(replica.head, self.master.head)
+        self.assertEqual(replica.table.hashes(), self.master.table.hashes())
+        fetches = link.requests
+        # Five chunks of 100 would do if answers were unbounded; about nine
+        # 120-byte objects fit in 1000 bytes.
+        _, _, unbounded = run(self, make_replica(), self.master, chunk=100)
+        self.assertGreater(fetches, unbounded.requests + 40)
+
+    def test_fetch_answer_holds_one_object_even_if_it_alone_is_too_big(self) -> None:
+        h = self.master.table.hashes()[0]
+        answer = wire.decode(catchup.serve_fetch(self.master, wire.Fetch(id=1, hashes=(h,)),
+                                                 max_bytes=1))
+        self.assertEqual(len(answer.objects), 1)
+
+    def test_log_over_the_budget_is_refused(self) -> None:
+        replica = make_replica()
+        how, _, _ = run(self, replica, self.master, answer_bytes=10_000)
+        self.assertEqual(how, "merkle")
+        self.assertEqual(replica.head, self.master.head)
+
+    def test_diff_of_a_broad_prefix_is_refused(self) -> None:
+        publish(self.master, adds=[{"more": i} for i in range(catchup.MAX_DIFF_HASHES)])
+        answer = wire.decode(catchup.serve_diff(
+            self.master, wire.DiffRequest(id=1, prefix="", have=())))
+        self.assertIsInstance(answer, wire.Refusal)
+        self.assertIn("ask for its subtrees", answer.reason)
+        leaf = self.master.table.hashes()[0][:2]
+        answer = wire.decode(catchup.serve_diff(
+            self.master, wire.DiffRequest(id=2, prefix=leaf, have=())))
+        self.assertIsInstance(answer, wire.Diff)
+        self.assertEqual(len(answer.missing), self.master.table.node(leaf).count)
 
 
 changes_strategy = st.lists(

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
 
 from dtable import crypto
 from dtable.service import DistributedTable, NotMasterError
@@ -21,42 +19,6 @@ SEED_LINKS = {0: [0, 3], 1: [0], 2: [1], 3: [1], 4: [3]}
 def _reactor():
     from twisted.internet import reactor
     return reactor
-
-
-class LogCapture:
-    """
-    Collects log events while installed; fires waiters on a matching event.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self._waiters: list[tuple] = []
-
-    def __call__(self, event: dict) -> None:
-        self.events.append(event)
-        for waiter in list(self._waiters):
-            predicate, d = waiter
-            if predicate(event):
-                self._waiters.remove(waiter)
-                d.callback(event)
-
-    def wait(self, predicate, timeout: float = 30.0) -> Deferred:
-        for event in self.events:
-            if predicate(event):
-                d: Deferred = Deferred()
-                d.callback(event)
-                return d
-        d = Deferred()
-        self._waiters.append((predicate, d))
-        return d.addTimeout(timeout, _reactor())
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    yield capture
-    globalLogPublisher.removeObserver(capture)
 
 
 def _hashes(node: DistributedTable) -> set[str]:

@@ -5,6 +5,8 @@ and one real C{twistd -n dtable} run with a bad option in a child process.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -17,7 +19,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from dtable import tap
+from dtable import crypto, tap
 from dtable.__main__ import main as dtable_main
 from dtable.config import INTERVALS, Config
 from dtable.peers import PeerAddress
@@ -194,6 +196,79 @@ class OptionsTests(KeyFileMixin, SynchronousTestCase):
 
     def test_unknown_option(self) -> None:
         self.assert_rejected(["--key-file", self.key_file, "--bogus"], "bogus")
+
+    def make_master_key(self) -> tuple[str, str]:
+        """
+        A master key file made by C{python -m dtable master-keygen}, and the
+        public key it printed.
+        """
+        path = os.path.join(self.directory, "master.key")
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            self.assertEqual(dtable_main(["master-keygen", "--output", path]), 0)
+        return path, stdout.getvalue().strip()
+
+    def test_master_key_pair(self) -> None:
+        """
+        The master takes the private half from --master-key-file; the other
+        nodes take the public half with --master-public-key.
+        """
+        path, public = self.make_master_key()
+        options = self.parse("-k", self.key_file, "--master", "--master-key-file", path,
+                             "--master-public-key", public)
+        self.assertEqual(crypto.public_key_hex(options["master_key"]), public)
+        config = self.parse("-k", self.key_file, "--master-public-key",
+                            public.upper())["config"]
+        self.assertEqual(config.master_public_key, public)
+        self.assertIsNone(self.parse("-k", self.key_file)["master_key"])
+
+    def test_master_key_mistakes(self) -> None:
+        path, public = self.make_master_key()
+        self.assert_rejected(["-k", self.key_file, "--master-key-file", path],
+                             "master only", "master_public_key")
+        self.assert_rejected(["-k", self.key_file, "--master", "--master-public-key",
+                              public], "private half")
+        self.assert_rejected(["-k", self.key_file, "--master", "--master-key-file",
+                              self.key_file], "--master-key-file", "network key")
+        missing = os.path.join(self.directory, "nope.key")
+        self.assert_rejected(["-k", self.key_file, "--master", "--master-key-file",
+                              missing], "--master-key-file", missing)
+        self.assert_rejected(["-k", self.key_file, "--master-public-key", "12ab"],
+                             "--master-public-key", "64 hex")
+        other = crypto.public_key_hex(crypto.parse_master_key(crypto.generate_master_key()))
+        self.assert_rejected(["-k", self.key_file, "--master", "--master-key-file", path,
+                              "--master-public-key", other], "not the public half")
+
+    def test_firewall_options(self) -> None:
+        config = self.parse(
+            "-k", self.key_file, "--warn-after-new-connections", "5",
+            "--block-after-new-connections", "10", "--block-after-failures", "3",
+            "--block-for", "60", "--ipv6-group-depth", "3", "--ipv6-subnet-breach", "7",
+            "--never-block", "--firewall-max-addresses", "1000",
+            "--max-pending-handshakes", "16",
+            "--block-command", "iptables -I INPUT -s {address} -j DROP",
+            "--unblock-command", "iptables -D INPUT -s {address} -j DROP")["config"]
+        self.assertEqual(
+            (config.warn_after_new_connections, config.block_after_new_connections,
+             config.block_after_failures, config.block_for, config.ipv6_group_depth,
+             config.ipv6_subnet_breach, config.never_block, config.firewall_max_addresses,
+             config.max_pending_handshakes),
+            (5, 10, 3, 60, 3, 7, True, 1000, 16))
+        self.assertEqual(config.block_command, "iptables -I INPUT -s {address} -j DROP")
+        defaults = self.parse("-k", self.key_file)["config"]
+        self.assertEqual(
+            (defaults.warn_after_new_connections, defaults.block_after_new_connections,
+             defaults.block_after_failures, defaults.block_for, defaults.ipv6_group_depth,
+             defaults.ipv6_subnet_breach, defaults.never_block),
+            (80, 600, 30, 3600, 4, 40, False))
+
+    def test_bad_firewall_options(self) -> None:
+        self.assert_rejected(["-k", self.key_file, "--ipv6-group-depth", "9"],
+                             "--ipv6-group-depth", "1-8")
+        self.assert_rejected(["-k", self.key_file, "--block-after-failures", "0"],
+                             "--block-after-failures")
+        self.assert_rejected(["-k", self.key_file, "--block-command", "iptables -F"],
+                             "--block-command", "{address}")
 
 
 class MakeServiceTests(KeyFileMixin, SynchronousTestCase):
