@@ -174,6 +174,7 @@ class DistributedTable(MultiService):
             on_unblock=self._unblocked,
         )
         self._block_callbacks: list[Callable[[FirewallEvent], None]] = []
+        self._commands: set[Deferred] = set()
         #: Connections refused because too many handshakes were in progress.
         self.refused_busy = 0
         self._refused_busy_logged = 0
@@ -597,9 +598,13 @@ class DistributedTable(MultiService):
             if code != 0:
                 log.warn("firewall command {argv} exited with {code}: {stderr}",
                          argv=argv, code=code, stderr=err.decode("utf-8", "replace").strip())
+            else:
+                log.info("firewall command {argv} done", argv=argv)
 
         d.addCallbacks(done, lambda f: log.failure(
             "firewall command {argv} could not run", f, argv=argv))
+        self._commands.add(d)
+        d.addBoth(lambda _: self._commands.discard(d))
 
     def stopService(self) -> Deferred:
         """
@@ -650,6 +655,8 @@ class DistributedTable(MultiService):
         for link in open_links:
             link.close("node shutting down")
         await DeferredList(lost)
+        # Firewall commands still running finish before the node is stopped.
+        await DeferredList(list(self._commands))
         self._is_started = False
         self._store.close()
 
