@@ -545,6 +545,15 @@ class DistributedTable(MultiService):
         if not self._ports:
             raise errors[0]
 
+    @property
+    def pending_handshakes(self) -> int:
+        """
+        Inbound connections accepted whose hello has not arrived yet.
+        """
+        if self._server_factory is None:
+            return 0
+        return self._server_factory.pending_handshakes
+
     def _admit(self, address: Any) -> bool:
         """
         Whether to accept a new inbound connection: not while stopping, not
@@ -555,7 +564,7 @@ class DistributedTable(MultiService):
         if self._stopping or self._server_factory is None:
             return False
         host = normalize_host(getattr(address, "host", ""))
-        if self._server_factory.pending_handshakes >= self.config.max_pending_handshakes:
+        if self.pending_handshakes >= self.config.max_pending_handshakes:
             self.refused_busy += 1
             return False
         try:
