@@ -347,15 +347,23 @@ class ComponentTracker:
     beacons (flooded over every link) arrived recently. A node that is known
     and answers probes but sends no beacons sits in another component, and
     the node with the smaller id links to it to merge them.
+
+    At most C{max_nodes} origins are remembered, the least recently heard
+    forgotten first, so beacons with made-up origins cannot grow memory.
     """
 
-    def __init__(self, own_id: str, horizon: float) -> None:
+    def __init__(self, own_id: str, horizon: float, max_nodes: int = 10_000) -> None:
         self._own_id = own_id
         self._horizon = horizon
+        self._max_nodes = max_nodes
         self._heard: dict[str, float] = {}
 
     def heard(self, node_id: str, now: float) -> None:
+        # Re-inserted so that the dict stays in order of last hearing.
+        self._heard.pop(node_id, None)
         self._heard[node_id] = now
+        if len(self._heard) > self._max_nodes:
+            del self._heard[next(iter(self._heard))]
 
     def members(self, now: float) -> set[str]:
         for node_id, when in list(self._heard.items()):

@@ -762,6 +762,18 @@ class ComponentTrackerTests(SynchronousTestCase):
         tracker.heard(ID_1, 32.0)
         self.assertEqual(tracker.members(32.0), {ID_1, ID_2})
 
+    def test_bounded(self) -> None:
+        """
+        Beacons with ever new origins keep at most max_nodes; the least
+        recently heard is forgotten first.
+        """
+        tracker = ComponentTracker(ID_2, horizon=30.0, max_nodes=2)
+        tracker.heard(ID_1, 0.0)
+        tracker.heard(ID_3, 1.0)
+        tracker.heard(ID_1, 2.0)
+        tracker.heard(ID_4, 3.0)
+        self.assertEqual(tracker.members(3.0), {ID_1, ID_2, ID_4})
+
     def test_own_beacon(self) -> None:
         tracker = ComponentTracker(ID_2, horizon=30.0)
         tracker.heard(ID_2, 0.0)
