@@ -54,7 +54,7 @@ log = Logger(namespace="dtable")
 
 # Connections the kernel may queue before accept: enough for a burst of
 # honest peers during an attack, which the firewall then sorts out.
-_BACKLOG = 128
+_BACKLOG = 511
 
 EVENTS = ("started", "object_added", "object_removed", "message_received", "error")
 
