@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from dtable import wire
 from dtable.canonical import InvalidObjectError, canonical_bytes, hash_bytes
-from dtable.replication import Change, Replica
+from dtable.replication import BadHead, BatchRejected, Change, Replica
 from dtable.table import LEAF_MAX
 from dtable.wire import Head, ProtocolViolation
 
@@ -91,7 +91,14 @@ async def catch_up(replica: Replica, request: Request, fetch_chunk: int) -> tupl
                 continue
             if batch.head.base != replica.head.rev:
                 break
-            changes.append(replica.apply_batch(batch))
+            try:
+                changes.append(replica.apply_batch(batch))
+            except (BadHead, BatchRejected):
+                if not changes:
+                    raise
+                # Report what did apply; the next catch-up starts at the
+                # bad batch and fails on it first.
+                break
         return "log", changes
     for attempt in range(_WALK_ATTEMPTS):
         try:

@@ -367,6 +367,9 @@ class DistributedTable(MultiService):
             frame = wire.message(message_id, self.node_id, body)
         except (TypeError, ValueError, RecursionError) as e:
             raise InvalidObjectError(f"message is not JSON: {e}") from None
+        if wire.nested_deeper_than(body, wire.MAX_NESTING - 1):
+            raise InvalidObjectError(
+                f"message is nested deeper than {wire.MAX_NESTING - 1} levels")
         self.messages.first_sight(message_id)
         self._flood(frame, None)
         return message_id
@@ -823,8 +826,9 @@ class DistributedTable(MultiService):
         for node in message.nodes:
             address = PeerAddress(host=normalize_host(node.host), port=node.port)
             if node.node_id == self.node_id:
-                if address not in self.directory:
-                    self.directory.mark_self(address)
+                # Hearsay: a peer could name any address as this node's, to
+                # keep it from dialling there. A real loop back is found
+                # when this node dials itself and reads its own hello.
                 continue
             if self.directory.learn(address, node.node_id, now):
                 self._overlay_log.debug("learned of {peer_id} at {address} from {source}",
@@ -1176,6 +1180,9 @@ class DistributedTable(MultiService):
             retry = True
         except ProtocolViolation as e:
             link.drop(e.reason)
+            retry = True
+        except BadHead as e:
+            link.drop(f"answered a catch-up with a head the master did not sign: {e}")
             retry = True
         except BatchRejected as e:
             self._report(f"catch-up from {link.node_id} rejected: {e.reason}",

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Union
 
 import attrs
 
+from dtable.canonical import MAX_DEPTH
+
 PROTOCOL_VERSION = 1
 
 ROLES = ("link", "probe", "defrag")
@@ -252,6 +254,11 @@ SHORT_HASH = 8
 DIGEST_BYTES = 16
 MAX_PREFIXES = 4096
 MAX_NODES = 256
+#: The deepest nesting of arrays and objects in a frame: a table object's
+#: limit plus a log answer's own levels (frame, batches, batch, adds). The
+#: JSON decoder's own limit depends on how deep the caller's stack is, so a
+#: frame one node accepts and relays could get the relay dropped by the next.
+MAX_NESTING = MAX_DEPTH + 4
 #: Objects one fetch may ask for.
 MAX_FETCH = 10_000
 _PREFIX = re.compile(r"\A[0-9a-f]{0,63}\Z")
@@ -548,6 +555,19 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], WireMessage]] = {
 }
 
 
+def nested_deeper_than(value: Any, levels: int) -> bool:
+    """
+    Whether C{value} (decoded JSON) holds arrays or objects nested more than
+    C{levels} deep; the outermost container is level 1.
+    """
+    if type(value) is not dict and type(value) is not list:
+        return False
+    if levels == 0:
+        return True
+    items = value.values() if type(value) is dict else value
+    return any(nested_deeper_than(item, levels - 1) for item in items)
+
+
 def decode(frame: bytes) -> WireMessage:
     """
     Parse and validate one frame's payload.
@@ -565,6 +585,11 @@ def decode(frame: bytes) -> WireMessage:
     parser = _PARSERS.get(kind) if type(kind) is str else None
     if parser is None:
         raise ProtocolViolation(f"unknown frame type {str(kind)[:40]!r}")
+    # Counting brackets is cheap and bounds the nesting from above (brackets
+    # inside strings only make it an overestimate).
+    if (frame.count(b"[") + frame.count(b"{") > MAX_NESTING
+            and nested_deeper_than(payload, MAX_NESTING)):
+        raise ProtocolViolation(f"frame is nested deeper than {MAX_NESTING} levels")
     return parser(payload)
 
 

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from dtable import crypto, wire
-from dtable.canonical import canonical_bytes, hash_bytes
+from dtable.canonical import InvalidObjectError, canonical_bytes, hash_bytes
 from dtable.config import ConfigError
 from dtable.protocol import PeerProtocol
 from dtable.replication import HeadSigner
@@ -177,6 +177,23 @@ class ForgedBatchTests(SynchronousTestCase):
         self.assertEqual(len(self.node), 0)
         self.assertEqual(self.node.head.rev, 2)
         self.assertEqual(self.failures(), 0)
+
+    def test_peer_cannot_name_an_address_as_this_node(self) -> None:
+        """
+        A nodes frame that gives this node's id at some address is hearsay:
+        believing it would keep the node from ever dialling that address.
+        """
+        protocol = self.connect()
+        protocol.dataReceived(framed(wire.nodes([(self.node.node_id, "192.0.2.7", 4000)])))
+        self.assertTrue(protocol.is_live)
+        self.assertEqual(self.node.directory.self_addresses(), [])
+
+    def test_too_deep_message_is_refused_at_the_sender(self) -> None:
+        body: list = []
+        for _ in range(wire.MAX_NESTING):
+            body = [body]
+        with self.assertRaises(InvalidObjectError):
+            self.node.send_message(body)
 
     def test_hello_with_a_forged_head(self) -> None:
         protocol = self.open()

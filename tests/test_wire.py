@@ -1112,3 +1112,34 @@ class NodesPropertyTests(SynchronousTestCase):
         message = wire.decode(wire.nodes(entries))
         self.assertEqual(message, wire.Nodes(nodes=tuple(
             wire.NodeAddress(node_id=n, host=h, port=p) for n, h, p in entries)))
+
+
+class NestingTests(SynchronousTestCase):
+    """
+    A frame's nesting is limited by wire itself, not by how deep the
+    decoder's caller happens to be in the stack.
+    """
+
+    def frame(self, depth: int) -> bytes:
+        # A message body of depth containers: the frame adds one level.
+        body = b"[" * depth + b"]" * depth
+        return wire.message("m", "a" * 32, "@").replace(b'"@"', body)
+
+    def test_deepest_accepted(self) -> None:
+        message = wire.decode(self.frame(wire.MAX_NESTING - 1))
+        self.assertIsInstance(message, wire.Message)
+
+    def test_one_level_more_is_refused(self) -> None:
+        with self.assertRaises(ProtocolViolation) as e:
+            wire.decode(self.frame(wire.MAX_NESTING))
+        self.assertIn("nested deeper", e.exception.reason)
+
+    def test_brackets_inside_strings_are_not_levels(self) -> None:
+        frame = wire.message("m", "a" * 32, "[" * 500 + "{" * 500)
+        self.assertIsInstance(wire.decode(frame), wire.Message)
+
+    def test_nested_deeper_than(self) -> None:
+        self.assertFalse(wire.nested_deeper_than("x", 0))
+        self.assertTrue(wire.nested_deeper_than([], 0))
+        self.assertFalse(wire.nested_deeper_than([[1], {"a": 1}], 2))
+        self.assertTrue(wire.nested_deeper_than([[1], {"a": []}], 2))
