@@ -12,8 +12,6 @@ L{dtable.replication}, L{dtable.broadcast} and L{dtable.peers}.
 from __future__ import annotations
 
 import ipaddress
-import os
-import shlex
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.application.service import MultiService
@@ -21,7 +19,6 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -34,6 +31,7 @@ from dtable.canonical import (
 from dtable.config import Config, master_signing_key
 from dtable.interfaces import IStore, ITableObserver
 from dtable.firewall import Firewall, FirewallEvent
+from dtable.hostfirewall import run_command
 from dtable.links import GuardedTLSFactory, LinkServerFactory, PeerConnection, ProbeFactory
 from dtable.peers import (
     ComponentTracker, PeerAddress, PeerDirectory, PrimaryPolicy, normalize_host,
@@ -596,25 +594,12 @@ class DistributedTable(MultiService):
 
     def _run_firewall_command(self, template: str | None, event: FirewallEvent) -> None:
         """
-        Apply a block or its end in the host's firewall: run the configured
-        command without a shell, C{{address}} replaced, and log its outcome.
+        Apply a block or its end in the host's firewall (see
+        L{dtable.hostfirewall}); the node waits for it before it stops.
         """
         if template is None:
             return
-        argv = [part.replace("{address}", event.address) for part in shlex.split(template)]
-        d = getProcessOutputAndValue(argv[0], argv[1:], env=os.environ,
-                                     reactor=self.reactor)
-
-        def done(result: tuple[bytes, bytes, int]) -> None:
-            out, err, code = result
-            if code != 0:
-                log.warn("firewall command {argv} exited with {code}: {stderr}",
-                         argv=argv, code=code, stderr=err.decode("utf-8", "replace").strip())
-            else:
-                log.info("firewall command {argv} done", argv=argv)
-
-        d.addCallbacks(done, lambda f: log.failure(
-            "firewall command {argv} could not run", f, argv=argv))
+        d = run_command(self.reactor, template, event.address)
         self._commands.add(d)
         d.addBoth(lambda _: self._commands.discard(d))
 

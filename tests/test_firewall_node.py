@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
+from dtable.hostfirewall import run_command
 from dtable.service import DistributedTable
 from dtable.testing import FAST, LocalNetwork, wait_for
 
@@ -165,3 +166,18 @@ async def test_handshakes_in_progress_are_capped():
         assert node.firewall.details(STRANGER)["new_connections"] == 2
     finally:
         await node.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_firewall_command_is_bounded_in_time(logs):
+    """
+    A command that hangs is killed after its timeout; one that fails is
+    logged with its exit code and error output.
+    """
+    hang = f"{sys.executable} -c \"import time; time.sleep(60)\" {{address}}"
+    assert await run_command(_reactor(), hang, STRANGER, timeout=0.5) is None
+    assert logs.matching(lambda e: "killing it" in e.get("log_format", ""))
+    fail = f"{sys.executable} -c \"import sys; sys.exit('no such chain: ' + sys.argv[1])\" {{address}}"
+    assert await run_command(_reactor(), fail, STRANGER) == 1
+    failed = logs.matching(lambda e: e.get("status") == "exit 1")
+    assert failed and "no such chain: 127.0.0.2" in failed[0]["stderr"]
