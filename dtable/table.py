@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
@@ -169,6 +169,32 @@ def _collect(node: _Node, into: list[str]) -> None:
         _collect(child, into)
 
 
+def _collect_after(node: _Node, depth: int, start: str, limit: int,
+                   into: list[str]) -> None:
+    """
+    Append to C{into}, in sorted order, the hashes under C{node} (at
+    C{depth} hex digits, on the path of C{start}) that sort after C{start},
+    until C{into} holds C{limit}.
+    """
+    if node.hashes is not None:
+        begin = bisect_right(node.hashes, start)
+        into.extend(node.hashes[begin:begin + limit - len(into)])
+        return
+    assert node.children is not None
+    # Children before start's digit hold nothing after start; its own child
+    # is searched further; every later child is after start as a whole.
+    first = _NIBBLE[start[depth]] if depth < len(start) else -1
+    for digit, child in enumerate(node.children):
+        if len(into) >= limit:
+            return
+        if digit < first:
+            continue
+        if digit == first:
+            _collect_after(child, depth + 1, start, limit, into)
+        else:
+            _collect_after(child, depth + 1, "", limit, into)
+
+
 def _split(node: _Node, depth: int) -> None:
     """
     Turn the overfull leaf C{node}, at C{depth} hex digits, into an internal
@@ -264,6 +290,22 @@ class Table:
         """
         into: list[str] = []
         _collect(self._root, into)
+        return into
+
+    def page(self, after: str = "", limit: int = 1000) -> list[str]:
+        """
+        Hashes in sorted order, a page at a time.
+
+        @param after: the last hash of the previous page; C{""} for the
+            first page. Any string of hex digits works: the page starts at
+            the first hash that sorts after it.
+        @param limit: the most hashes to return.
+
+        @return: up to C{limit} sorted hashes that sort after C{after}.
+        """
+        into: list[str] = []
+        if limit > 0:
+            _collect_after(self._root, 0, after, limit, into)
         return into
 
     def add(self, h: str) -> bool:

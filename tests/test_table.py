@@ -512,3 +512,36 @@ class TreeViewTests(SynchronousTestCase):
         only_a, only_b, visited = reconcile(a, b)
         self.assertEqual((only_a, only_b), ({pool[-1]}, set()))
         self.assertLessEqual(visited, 6)
+
+
+class PageTests(SynchronousTestCase):
+    """
+    Paging through the hashes in order, without listing them all.
+    """
+
+    @settings(max_examples=60, deadline=None)
+    @given(count=st.integers(0, 600), limit=st.integers(1, 250),
+           after=st.text(alphabet="0123456789abcdef", max_size=66))
+    def test_page_is_the_sorted_slice(self, count: int, limit: int, after: str) -> None:
+        table = Table()
+        hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(count)]
+        for h in hashes:
+            table.add(h)
+        expected = [h for h in sorted(hashes) if h > after][:limit]
+        self.assertEqual(table.page(after, limit), expected)
+
+    def test_walk_all_pages(self) -> None:
+        table = Table()
+        hashes = sorted(hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000))
+        for h in hashes:
+            table.add(h)
+        seen: list[str] = []
+        after = ""
+        while True:
+            page = table.page(after, 77)
+            if not page:
+                break
+            seen.extend(page)
+            after = page[-1]
+        self.assertEqual(seen, hashes)
+        self.assertEqual(table.page("", 0), [])
