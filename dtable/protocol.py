@@ -55,12 +55,26 @@ class RequestRefused(RequestFailed):
     """
 
 
+class Traffic:
+    """
+    Bytes and frames (with their length prefixes) over every connection of
+    a node, kept by its connections as they go.
+    """
+
+    __slots__ = ("bytes_in", "bytes_out", "frames_in", "frames_out")
+
+    def __init__(self) -> None:
+        self.bytes_in = self.bytes_out = 0
+        self.frames_in = self.frames_out = 0
+
+
 class ILinkHub(Interface):
     """
     What a connection needs from its node.
     """
 
     node_id = Attribute("This node's id.")
+    traffic = Attribute("The node's L{Traffic}, which every connection adds to.")
 
     def local_hello(role: str) -> bytes:
         """
@@ -371,6 +385,9 @@ class PeerProtocol(Int32StringReceiver):
         self._last_heard = self.clock.seconds()
         self.bytes_received += len(frame) + 4
         self.frames_received += 1
+        traffic = self.hub.traffic
+        traffic.bytes_in += len(frame) + 4
+        traffic.frames_in += 1
         try:
             message = wire.decode(frame)
         except ProtocolViolation as e:
@@ -405,6 +422,9 @@ class PeerProtocol(Int32StringReceiver):
         if self._sender.send(struct.pack("!I", len(string)) + string):
             self.bytes_sent += len(string) + 4
             self.frames_sent += 1
+            traffic = self.hub.traffic
+            traffic.bytes_out += len(string) + 4
+            traffic.frames_out += 1
 
     def _send_overflow(self, queued: int) -> None:
         self._violation(

@@ -36,7 +36,7 @@ from dtable.links import GuardedTLSFactory, LinkServerFactory, PeerConnection, P
 from dtable.peers import (
     ComponentTracker, PeerAddress, PeerDirectory, PrimaryPolicy, normalize_host,
 )
-from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed
+from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed, Traffic
 from dtable.replication import (
     BadHead, BatchLog, BatchRejected, BatchWindow, Change, Decision, HeadSigner,
     HeadVerifier, Replica,
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IListeningPort
 
 log = Logger(namespace="dtable")
+
+# Other nodes' latest beacons kept for the overlay view, at most.
+_MAX_BEACON_ORIGINS = 10_000
 
 # Connections the kernel may queue before accept: enough for a burst of
 # honest peers during an attack, which the firewall then sorts out.
@@ -155,6 +158,14 @@ class DistributedTable(MultiService):
         self._extra: dict[PeerAddress, PeerConnection] = {}
         self._overlay_loop: LoopingCall | None = None
         self._started_at = 0.0
+        self._beacons: dict[str, tuple[wire.Beacon, float]] = {}
+        #: Bytes and frames over every connection since the node started.
+        self.traffic = Traffic()
+        #: Counts since the node started: batches applied (received or
+        #: published), catch-ups by how they went, messages delivered to
+        #: this node and message frames relayed to peers.
+        self.counters = {"batches_applied": 0, "catch_ups_log": 0, "catch_ups_merkle": 0,
+                         "messages_received": 0, "messages_relayed": 0}
         self.messages = DuplicateFilter(reactor, config.message_ttl,
                                         config.message_filter_size)
         #: Who may connect: per-address counts, warnings and blocks.
@@ -757,6 +768,85 @@ class DistributedTable(MultiService):
             "probing": [str(a) for a in self._probes],
         }
 
+    def overlay_graph(self) -> dict[str, Any]:
+        """
+        The whole overlay as this node knows it from the nodes' beacons:
+        nodes (id, master flag, revision, seconds since heard) and links
+        (the two node ids and the mean RTT in milliseconds, as the node that
+        reported it measured it).
+        """
+        now = self.reactor.seconds()
+        horizon = self.config.component_horizon
+        own = self._own_state()
+        heard = [(own, now)] + [(beacon, when) for beacon, when in self._beacons.values()
+                                if now - when <= horizon]
+        nodes = [{"node_id": b.origin, "master": b.master, "rev": b.rev,
+                  "self": b.origin == self.node_id, "age": round(now - when, 3)}
+                 for b, when in heard]
+        edges: dict[tuple[str, str], float | None] = {}
+        for beacon, _ in heard:
+            for peer, rtt in beacon.links:
+                pair = (min(beacon.origin, peer), max(beacon.origin, peer))
+                if edges.get(pair) is None:
+                    edges[pair] = rtt
+        links = [{"a": a, "b": b, "rtt_ms": rtt} for (a, b), rtt in sorted(edges.items())]
+        return {"nodes": nodes, "links": links}
+
+    def status(self) -> dict[str, Any]:
+        """
+        This node at a glance, as plain data (the control API's /status):
+        identity, head, links with RTT statistics in milliseconds, known
+        nodes, the overlay, the firewall's counts, traffic and counters.
+        """
+        now = self.reactor.seconds()
+        head = self.head
+
+        def rtt_stats(link: PeerProtocol) -> dict[str, Any]:
+            rtts = [r * 1000 for r in link.rtts]
+            if not rtts:
+                return {"count": 0, "mean": None, "min": None, "max": None, "last": None}
+            return {"count": len(rtts), "mean": round(sum(rtts) / len(rtts), 3),
+                    "min": round(min(rtts), 3), "max": round(max(rtts), 3),
+                    "last": round(rtts[-1], 3)}
+
+        counts = self.firewall.counts()
+        return {
+            "node_id": self.node_id,
+            "master": self.config.master,
+            "ready": self._master_ready,
+            "port": self.listening_port if self._ports else None,
+            "uptime": round(now - self._started_at, 3) if self._is_started else 0.0,
+            "head": {"rev": head.rev, "base": head.base, "root": head.root,
+                     "master": head.master},
+            "objects": len(self.table),
+            "primary": str(self._primary.address) if self._primary is not None else None,
+            "links": [
+                {
+                    "node_id": link.node_id,
+                    "address": str(self._address_of(link) or ""),
+                    "role": link.role if link.outbound else link.hello.role,
+                    "direction": "outbound" if link.outbound else "inbound",
+                    "rev": self._peer_heads[link].rev if link in self._peer_heads else None,
+                    "rtt_ms": rtt_stats(link),
+                    "bytes_in": link.bytes_received, "bytes_out": link.bytes_sent,
+                }
+                for link in self.links
+            ],
+            "known": self.directory.snapshot(),
+            "overlay": self.overlay_graph(),
+            "firewall": {"total": counts.total, "blocked": counts.blocked,
+                         "warned": counts.warned, "blocked_subnets": counts.blocked_subnets,
+                         "refused": counts.refused,
+                         "refused_busy": self.refused_busy,
+                         "pending_handshakes": self.pending_handshakes},
+            "traffic": {"bytes_in": self.traffic.bytes_in,
+                        "bytes_out": self.traffic.bytes_out,
+                        "frames_in": self.traffic.frames_in,
+                        "frames_out": self.traffic.frames_out},
+            "counters": dict(self.counters),
+            "messages_remembered": len(self.messages),
+        }
+
     def _overlay_tick(self) -> None:
         """
         The clean loop: forget unreachable learned nodes, tell peers what we
@@ -779,7 +869,7 @@ class DistributedTable(MultiService):
                 link.send_frame(frame)
         beacon_id = new_message_id()
         self.messages.first_sight(beacon_id)
-        self._flood(wire.beacon(beacon_id, self.node_id), None)
+        self._flood(self._own_beacon(beacon_id), None)
         self._start_probes(now)
         self._consider_primary(now)
         self._maintain_extra_links()
@@ -823,8 +913,25 @@ class DistributedTable(MultiService):
     def _beacon_received(self, link: PeerProtocol, beacon: wire.Beacon, frame: bytes) -> None:
         if not self.messages.first_sight(beacon.id):
             return
-        self._components.heard(beacon.origin, self.reactor.seconds())
+        now = self.reactor.seconds()
+        self._components.heard(beacon.origin, now)
+        if beacon.origin != self.node_id:
+            self._beacons.pop(beacon.origin, None)
+            self._beacons[beacon.origin] = (beacon, now)
+            if len(self._beacons) > _MAX_BEACON_ORIGINS:
+                del self._beacons[next(iter(self._beacons))]
         self._flood(frame, link)
+
+    def _own_state(self, beacon_id: str = "") -> wire.Beacon:
+        links = tuple((link.node_id, None if link.rtt_mean is None
+                       else round(link.rtt_mean * 1000, 3))
+                      for link in self.links if link.node_id)
+        return wire.Beacon(id=beacon_id, origin=self.node_id, master=self.config.master,
+                           rev=self.head.rev, links=links)
+
+    def _own_beacon(self, beacon_id: str) -> bytes:
+        state = self._own_state(beacon_id)
+        return wire.beacon(state.id, state.origin, state.master, state.rev, state.links)
 
     def _start_probes(self, now: float) -> None:
         room = self.config.probe_concurrency - len(self._probes)
@@ -1085,6 +1192,7 @@ class DistributedTable(MultiService):
             self._report(f"batch {batch.head.rev} rejected: {e.reason}", link.node_id)
             raise ProtocolViolation(f"sent batch {batch.head.rev} that does not apply: "
                                     f"{e.reason}")
+        self.counters["batches_applied"] += 1
         self._emit_change(change)
         self._flood(frame, link)
 
@@ -1093,13 +1201,20 @@ class DistributedTable(MultiService):
         if published is None:
             return
         change, frame = published
+        self.counters["batches_applied"] += 1
         self._emit_change(change)
         self._flood(frame, None)
 
-    def _flood(self, frame: bytes, source: PeerProtocol | None) -> None:
+    def _flood(self, frame: bytes, source: PeerProtocol | None) -> int:
+        """
+        Send C{frame} on every live link but C{source}; returns how many.
+        """
+        sent = 0
         for link in self._links:
             if link is not source and link.is_live:
                 link.send_frame(frame)
+                sent += 1
+        return sent
 
     def _hold_until_synced(self) -> None:
         """
@@ -1194,6 +1309,7 @@ class DistributedTable(MultiService):
                                               self.config.fetch_chunk)
         if not changes:
             return
+        self.counters[f"catch_ups_{how}"] += 1
         added = sum(len(c.added) for c in changes)
         removed = sum(len(c.removed) for c in changes)
         log.info("caught up from {peer_id} by {how}: revision {old} -> {rev}, "
@@ -1210,7 +1326,8 @@ class DistributedTable(MultiService):
                           frame: bytes) -> None:
         if not self.messages.first_sight(message.id):
             return
-        self._flood(frame, link)
+        self.counters["messages_relayed"] += self._flood(frame, link)
         if message.origin != self.node_id:
+            self.counters["messages_received"] += 1
             self._emit("message_received", message.body)
             self._changed()

@@ -163,11 +163,16 @@ class Nodes:
 class Beacon:
     """
     Flooded by every node now and then, so that each node knows which nodes
-    share its component of the overlay.
+    share its component of the overlay, and what the overlay looks like:
+    the origin's role, revision and links (peer node id and mean RTT in
+    milliseconds, None before the first measurement).
     """
 
     id: str
     origin: str
+    master: bool = False
+    rev: int = 0
+    links: tuple[tuple[str, float | None], ...] = ()
 
 
 @attrs.frozen
@@ -464,10 +469,24 @@ def _nodes(p: dict[str, Any]) -> Nodes:
     return Nodes(nodes=tuple(_node_address(n) for n in items))
 
 
+def _beacon_link(value: Any) -> tuple[str, float | None]:
+    if type(value) is not list or len(value) != 2:
+        raise ProtocolViolation("a beacon link is [node_id, rtt_ms]")
+    node_id, rtt = value
+    if rtt is not None and (type(rtt) not in (int, float) or not 0 <= rtt < 1e9):
+        raise ProtocolViolation("a beacon link's rtt_ms is a number of milliseconds or null")
+    return _match(node_id, _NODE_ID, "link node_id"), rtt
+
+
 def _beacon(p: dict[str, Any]) -> Beacon:
-    _fields(p, "beacon", {"id", "origin"})
+    _fields(p, "beacon", {"id", "origin", "master", "rev", "links"})
+    links = _list(p["links"], "links")
+    if len(links) > MAX_NODES:
+        raise ProtocolViolation(f"at most {MAX_NODES} links per beacon")
     return Beacon(id=_match(p["id"], _MESSAGE_ID, "id"),
-                  origin=_match(p["origin"], _NODE_ID, "origin"))
+                  origin=_match(p["origin"], _NODE_ID, "origin"),
+                  master=_bool(p["master"], "master"), rev=_int(p["rev"], "rev"),
+                  links=tuple(_beacon_link(link) for link in links))
 
 
 def _log_request(p: dict[str, Any]) -> LogRequest:
@@ -662,8 +681,16 @@ def nodes(entries: Iterable[tuple[str, str, int]]) -> bytes:
     return _encode("nodes", nodes=[list(e) for e in entries][:MAX_NODES])
 
 
-def beacon(beacon_id: str, origin: str) -> bytes:
-    return _encode("beacon", id=beacon_id, origin=origin)
+def beacon(beacon_id: str, origin: str, master: bool = False, rev: int = 0,
+           links: Iterable[tuple[str, float | None]] = ()) -> bytes:
+    """
+    A beacon; C{links} beyond L{MAX_NODES} are left out, and RTTs are
+    rounded to microseconds.
+    """
+    entries = [[node_id, None if rtt is None else round(rtt, 3)]
+               for node_id, rtt in list(links)[:MAX_NODES]]
+    return _encode("beacon", id=beacon_id, origin=origin, master=master, rev=rev,
+                   links=entries)
 
 
 def log_request(request_id: int, since: int) -> bytes:

@@ -312,3 +312,45 @@ async def test_node_stops_while_its_peers_run():
         await wait_for(net.nodes[2], lambda n: h in n)
     finally:
         await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_and_overlay_graph():
+    """
+    Every node's status shows its head, links and traffic, and, from the
+    beacons, the whole overlay: three nodes, two links, the master and each
+    node's revision.
+    """
+    net = LocalNetwork(_reactor(), size=3)
+    await net.start()
+    try:
+        net.master.add_object({"seen": "everywhere"})
+        await net.converged()
+        rev = net.master.head.rev
+
+        def whole(node: DistributedTable) -> bool:
+            graph = node.overlay_graph()
+            return (len(graph["nodes"]) == 3 and len(graph["links"]) == 2
+                    and all(n["rev"] == rev for n in graph["nodes"]))
+
+        await wait_for_all(net.nodes, whole)
+        ids = {n.node_id for n in net.nodes}
+        for node in net.nodes:
+            graph = node.overlay_graph()
+            assert {n["node_id"] for n in graph["nodes"]} == ids
+            assert [n["node_id"] for n in graph["nodes"] if n["master"]] == [net.master.node_id]
+            assert {(l["a"], l["b"]) for l in graph["links"]} == {
+                tuple(sorted((net.nodes[0].node_id, net.nodes[1].node_id))),
+                tuple(sorted((net.nodes[1].node_id, net.nodes[2].node_id)))}
+            status = node.status()
+            assert status["head"]["rev"] == rev and status["objects"] == 1
+            assert status["traffic"]["frames_in"] > 0 and status["traffic"]["bytes_out"] > 0
+            assert {link["node_id"] for link in status["links"]} <= ids
+        middle = net.nodes[1].status()
+        assert len(middle["links"]) == 2
+        assert net.master.status()["counters"]["batches_applied"] == 1
+        assert net.nodes[2].status()["counters"]["batches_applied"] + \
+            net.nodes[2].status()["counters"]["catch_ups_log"] + \
+            net.nodes[2].status()["counters"]["catch_ups_merkle"] >= 1
+    finally:
+        await net.stop()

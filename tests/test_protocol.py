@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 from dtable import crypto, wire
 from dtable.config import Config
 from dtable.interfaces import IPeerLink
-from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed, RequestRefused
+from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed, RequestRefused, Traffic
 from dtable.store import empty_head
 from dtable.wire import ProtocolViolation
 
@@ -94,6 +94,7 @@ class RecordingHub:
 
     def __init__(self, node_id: str = LOCAL_ID) -> None:
         self.node_id = node_id
+        self.traffic = Traffic()
         self.calls: list[tuple[str, tuple]] = []
         self.refusal: str | None = None
         self.reject_frames: str | None = None
@@ -666,6 +667,11 @@ class TrafficCountTests(ProtocolTestMixin, SynchronousTestCase):
         # The hello, the pong and the message.
         self.assertEqual(self.protocol.frames_sent, 3)
         self.assertEqual(self.protocol.bytes_sent, len(self.transport.value()))
+        # The node's totals count the same.
+        traffic = self.hub.traffic
+        self.assertEqual((traffic.frames_in, traffic.bytes_in, traffic.frames_out,
+                          traffic.bytes_out),
+                         (3, self.protocol.bytes_received, 3, self.protocol.bytes_sent))
 
     def test_frame_that_breaks_the_schema_is_counted(self) -> None:
         self.go_live()

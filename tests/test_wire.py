@@ -982,7 +982,20 @@ class NodesRoundTripTests(SynchronousTestCase):
 
     def test_beacon_frame(self) -> None:
         self.assertEqual(json.loads(wire.beacon("b-1", NODE)),
-                         {"type": "beacon", "id": "b-1", "origin": NODE})
+                         {"type": "beacon", "id": "b-1", "origin": NODE, "master": False,
+                          "rev": 0, "links": []})
+
+    def test_beacon_with_overlay(self) -> None:
+        frame = wire.beacon("b-2", NODE, master=True, rev=12,
+                            links=[(OTHER_NODE, 1.23456), (NODE, None)])
+        self.assertEqual(wire.decode(frame), wire.Beacon(
+            id="b-2", origin=NODE, master=True, rev=12,
+            links=((OTHER_NODE, 1.235), (NODE, None))))
+
+    def test_beacon_keeps_the_first_max_nodes_links(self) -> None:
+        links = [(NODE, float(i)) for i in range(wire.MAX_NODES + 5)]
+        self.assertEqual(len(wire.decode(wire.beacon("b", NODE, links=links)).links),
+                         wire.MAX_NODES)
 
     def test_not_responses(self) -> None:
         self.assertIsNone(wire.response_id(wire.Beacon(id="b", origin=NODE)))
@@ -1060,10 +1073,19 @@ class NodesRejectionTests(SynchronousTestCase):
 
     def test_beacon_fields(self) -> None:
         self.assertViolation(frame({"type": "beacon", "id": "b"}),
-                             "beacon:", "missing origin")
-        self.assertViolation(frame({"type": "beacon", "origin": NODE}),
+                             "beacon:", "missing links, master, origin, rev")
+        self.assertViolation(frame({k: v for k, v in beacon_json().items() if k != "id"}),
                              "beacon:", "missing id")
         self.assertViolation(frame(beacon_json(hops=1)), "beacon:", "unknown hops")
+
+    def test_beacon_overlay_fields(self) -> None:
+        for bad in ("yes", 1, None):
+            self.assertViolation(frame(beacon_json(master=bad)), "master")
+        for bad in (-1, 1.5, "3", 2**63):
+            self.assertViolation(frame(beacon_json(rev=bad)), "rev")
+        for bad in ([[NODE]], [[NODE, "1"]], [[NODE, -1]], [["x", 1]], [NODE],
+                    [[NODE, 1]] * (wire.MAX_NODES + 1), {"a": 1}):
+            self.assertViolation(frame(beacon_json(links=bad)), "link")
 
     def test_beacon_id(self) -> None:
         for bad in ("", "a" * 65, "a b", "\u00fc", 5, None, ["b"]):
