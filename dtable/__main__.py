@@ -6,6 +6,7 @@ The dtable command line.
                                                write a new master key, print its
                                                public half
     python -m dtable master-public-key FILE    print a master key's public half
+    python -m dtable api-token --output FILE   write a new control API token
     python -m dtable demo [--nodes N] [--objects K]
                                                run a small network in this process
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from typing import Sequence
 
@@ -60,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the public half of the master key in FILE, for "
                     "--master-public-key.")
     master_public.add_argument("file", metavar="FILE")
+
+    api_token = commands.add_parser(
+        "api-token", help="make a bearer token for the control API",
+        description="Write a new random token for the control API to FILE "
+                    "(readable by its owner only); give it to the node with "
+                    "--api-token-file and to its clients.")
+    api_token.add_argument(
+        "-o", "--output", metavar="FILE", required=True,
+        help="where to write the token; FILE must not exist")
 
     demo_parser = commands.add_parser(
         "demo", help="run a small network of nodes in this process",
@@ -123,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "keygen":
         return _keygen(args.output)
+    if args.command == "api-token":
+        return EXIT_OK if _write_secret("api-token", args.output,
+                                        secrets.token_urlsafe(32)) else EXIT_FAILED
     if args.command == "master-keygen":
         return _master_keygen(args.output)
     if args.command == "master-public-key":
@@ -133,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         react(demo.run, (args.nodes, args.objects))
     parser.print_usage(sys.stderr)
     print(f"{parser.prog}: error: choose a command: keygen, master-keygen, "
-          "master-public-key or demo", file=sys.stderr)
+          "master-public-key, api-token or demo", file=sys.stderr)
     return EXIT_USAGE
 
 

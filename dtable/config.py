@@ -98,6 +98,10 @@ class Config:
         (64 hex characters); None trusts the master key derived from the
         network key. The master itself is given the private half (see
         L{dtable.service.DistributedTable}'s C{master_key}).
+    @ivar api: where the control API listens (L{dtable.api}), as a Twisted
+        endpoint string; a bare port or C{tcp:PORT} listens on loopback only.
+        None serves no API.
+    @ivar api_token_file: the file holding the API's bearer token.
     @ivar block_command: with C{unblock_command}, a command run (without a
         shell; C{{address}} is replaced) when the firewall blocks or
         unblocks an address or subnet, to apply the block in the host's
@@ -113,6 +117,8 @@ class Config:
     memory: bool = False
     learn_peers: bool = True
     master_public_key: str | None = attrs.field(default=None, converter=_master_public_key)
+    api: str | None = None
+    api_token_file: str | None = None
 
     # Liveness and the overlay.
     ping_interval: float = attrs.field(default=2.0, validator=_positive)

@@ -28,7 +28,7 @@ from dtable.broadcast import DuplicateFilter, new_message_id
 from dtable.canonical import (
     InvalidObjectError, canonical_bytes, hash_bytes, is_hash,
 )
-from dtable.config import Config, master_signing_key
+from dtable.config import Config, ConfigError, master_signing_key
 from dtable.interfaces import IStore, ITableObserver
 from dtable.firewall import Firewall, FirewallEvent
 from dtable.hostfirewall import run_command
@@ -109,6 +109,8 @@ class DistributedTable(MultiService):
         C{master_public_key}. Without either, batches are signed with a key
         derived from the network key, so every holder of the network key
         can sign (the seed's trust model).
+    @param api_token: the control API's bearer token, instead of reading
+        C{api_token_file} at start.
     @param connect_ssl: how to dial a peer, with the signature of
         C{reactor.connectSSL(host, port, factory, contextFactory, timeout)};
         by default the reactor's. Tests use it to route links through
@@ -125,6 +127,7 @@ class DistributedTable(MultiService):
                  peers: Iterable[str | PeerAddress] = (), master: bool = False, *,
                  store: IStore | None = None, reactor: Any = None,
                  config: Config | None = None, master_key: Any = None,
+                 api_token: str | None = None,
                  connect_ssl: Callable[..., Any] | None = None, **options: Any) -> None:
         super().__init__()
         if reactor is None:
@@ -139,6 +142,13 @@ class DistributedTable(MultiService):
             config = Config(port=port, peers=tuple(peers), master=master, **options)
         self.config = config
         self._master_key = master_signing_key(master_key, config)
+        if config.api is not None and api_token is None and config.api_token_file is None:
+            raise ConfigError("the control API (api) needs a token: api_token_file, "
+                              "or api_token")
+        self._api_token = api_token
+        self._api_port: Any = None
+        self._api_connections: Any = None
+        self._api_root: Any = None
         self.reactor = reactor
         self._connect_ssl = connect_ssl if connect_ssl is not None else reactor.connectSSL
         self.node_id = crypto.new_node_id()
@@ -165,7 +175,8 @@ class DistributedTable(MultiService):
         #: published), catch-ups by how they went, messages delivered to
         #: this node and message frames relayed to peers.
         self.counters = {"batches_applied": 0, "catch_ups_log": 0, "catch_ups_merkle": 0,
-                         "messages_received": 0, "messages_relayed": 0}
+                         "messages_received": 0, "messages_relayed": 0,
+                         "firewall_blocks": 0}
         self.messages = DuplicateFilter(reactor, config.message_ttl,
                                         config.message_filter_size)
         #: Who may connect: per-address counts, warnings and blocks.
@@ -294,6 +305,13 @@ class DistributedTable(MultiService):
         The object with hash C{h}, or None.
         """
         return self._replica.get(h) if self._replica is not None else None
+
+    def object_data(self, hashes: Iterable[str]) -> dict[str, bytes]:
+        """
+        The canonical JSON bytes of the objects with these hashes that the
+        table holds, by hash.
+        """
+        return self._replica.data(hashes) if self._replica is not None else {}
 
     def __len__(self) -> int:
         return len(self.table)
@@ -486,6 +504,10 @@ class DistributedTable(MultiService):
         await self._listen()
         if self._stopping:
             return
+        if self.config.api is not None:
+            await self._listen_api()
+            if self._stopping:
+                return
         log.info("node {node_id} listening on port {port} at revision {rev}",
                  node_id=self.node_id, port=self.listening_port,
                  rev=self.head.rev)
@@ -528,6 +550,44 @@ class DistributedTable(MultiService):
             log.warn("the stored table is not signed by the master key this node "
                      "trusts ({reason}); dropped its {count} objects, to be caught up "
                      "from the network", reason=reason, count=removed)
+
+    async def _listen_api(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+
+        from dtable import api
+
+        token = self._api_token
+        if token is None:
+            with open(self.config.api_token_file, encoding="utf-8") as token_file:
+                token = token_file.read().strip()
+        if not token:
+            raise ConfigError(f"the API token file {self.config.api_token_file} is empty")
+        connections, self._api_root = api.make_site(self, token)
+        endpoint = serverFromString(self.reactor, api.api_endpoint(self.config.api))
+        self._api_port = await endpoint.listen(connections)
+        self._api_connections = connections
+        host = self._api_port.getHost()
+        log.info("control API of node {node_id} on {host}:{port}", node_id=self.node_id,
+                 host=getattr(host, "host", "?"), port=getattr(host, "port", "?"))
+
+    @property
+    def api_port(self) -> int | None:
+        """
+        The control API's TCP port once it listens, else None.
+        """
+        if self._api_port is None:
+            return None
+        return getattr(self._api_port.getHost(), "port", None)
+
+    async def _stop_api(self) -> None:
+        port, self._api_port = self._api_port, None
+        if port is not None:
+            await maybeDeferred(port.stopListening)
+        if self._api_root is not None:
+            self._api_root.close_streams()
+        if self._api_connections is not None:
+            await self._api_connections.close_all()
+        self._api_connections = self._api_root = None
 
     @staticmethod
     def _take(waiters: list[Deferred]) -> list[Deferred]:
@@ -591,6 +651,7 @@ class DistributedTable(MultiService):
         return normalize_host(getattr(link.transport.getPeer(), "host", "")) or None
 
     def _blocked(self, event: FirewallEvent) -> None:
+        self.counters["firewall_blocks"] += 1
         self._run_firewall_command(self.config.block_command, event)
         for callback in list(self._block_callbacks):
             try:
@@ -636,6 +697,7 @@ class DistributedTable(MultiService):
         if self._overlay_loop is not None and self._overlay_loop.running:
             self._overlay_loop.stop()
         self._overlay_loop = None
+        await self._stop_api()
         if self._primary_rotation is not None:
             await self._primary_rotation
         probes_lost = []

@@ -107,6 +107,13 @@ class Options(usage.Options):
         ["master-public-key", None, None,
          "On the other nodes: the master's public key (64 hex characters, as "
          "master-keygen printed it); only changes it signed are accepted."],
+        ["api", None, None,
+         "Serve the control API and status page on this Twisted endpoint, e.g. 8080 or "
+         "tcp:8080:interface=127.0.0.1 (a bare port or tcp:PORT listens on loopback "
+         "only). Needs --api-token-file."],
+        ["api-token-file", None, None,
+         "File holding the control API's bearer token (make one with: python -m dtable "
+         "api-token -o api.token)."],
         ["block-command", None, None,
          "Firewall: command run when an address or subnet is blocked, {address} replaced "
          "(e.g. \"iptables -I INPUT -s {address} -j DROP\"); run without a shell."],
@@ -134,6 +141,18 @@ class Options(usage.Options):
         except AddressError as e:
             raise usage.UsageError(f"--peer: {e}")
 
+    def _check_api(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+
+        from dtable.api import api_endpoint
+
+        try:
+            # Parsing only: the endpoint is built again, with the reactor, to listen.
+            serverFromString(None, api_endpoint(self["api"]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--api: {self['api']!r} is not an endpoint: {e}")
+        _check_api_token(self["api-token-file"])
+
     def postOptions(self) -> None:
         if not self["key-file"]:
             raise usage.UsageError(
@@ -149,6 +168,8 @@ class Options(usage.Options):
             crypto.parse_network_key(self["key"])
         except crypto.WeakKeyError as e:
             raise usage.UsageError(f"--key-file {path}: {e}")
+        if self["api"] is not None:
+            self._check_api()
         self["master_key"] = None
         if self["master-key-file"]:
             try:
@@ -167,6 +188,8 @@ class Options(usage.Options):
                 memory=bool(self["memory"]),
                 learn_peers=not self["static-peers"],
                 master_public_key=self["master-public-key"],
+                api=self["api"],
+                api_token_file=self["api-token-file"],
                 never_block=bool(self["never-block"]),
                 block_command=self["block-command"],
                 unblock_command=self["unblock-command"],
@@ -179,6 +202,22 @@ class Options(usage.Options):
             master_signing_key(self["master_key"], self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e))
+
+
+def _check_api_token(path: str | None) -> None:
+    if not path:
+        raise usage.UsageError(
+            "--api needs --api-token-file; make a token with: python -m dtable api-token "
+            "-o api.token")
+    try:
+        with open(path, encoding="utf-8") as token_file:
+            token = token_file.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise usage.UsageError(f"--api-token-file: cannot read {path}: {e}")
+    if len(token) < 16:
+        raise usage.UsageError(
+            f"--api-token-file: the token in {path} is {'empty' if not token else 'too short'}"
+            "; make one with: python -m dtable api-token -o api.token")
 
 
 def makeService(options: Options, reactor: Any = None):

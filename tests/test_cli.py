@@ -103,6 +103,18 @@ class MasterKeygenTests(SynchronousTestCase):
         self.assertIn(path, stderr.getvalue())
         self.assertEqual(public_key_hex(load_master_key(path)), public)
 
+    def test_api_token(self) -> None:
+        directory = tempfile.mkdtemp(prefix="dtable-cli-")
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "api.token")
+        self.assertEqual(main(["api-token", "--output", path]), 0)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            token = f.read().strip()
+        self.assertGreaterEqual(len(token), 40)
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(main(["api-token", "--output", path]), 1)
+
     def test_master_public_key_of_a_bad_file(self) -> None:
         directory = tempfile.mkdtemp(prefix="dtable-cli-")
         self.addCleanup(shutil.rmtree, directory)

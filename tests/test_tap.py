@@ -262,6 +262,26 @@ class OptionsTests(KeyFileMixin, SynchronousTestCase):
              defaults.ipv6_subnet_breach, defaults.never_block),
             (80, 600, 30, 3600, 4, 40, False))
 
+    def test_api_options(self) -> None:
+        token = self.write_file("api.token", b"t" * 43 + b"\n")
+        config = self.parse("-k", self.key_file, "--api", "8080",
+                            "--api-token-file", token)["config"]
+        self.assertEqual((config.api, config.api_token_file), ("8080", token))
+        self.assertIsNone(self.parse("-k", self.key_file)["config"].api)
+
+    def test_bad_api_options(self) -> None:
+        token = self.write_file("api.token", b"t" * 43)
+        self.assert_rejected(["-k", self.key_file, "--api", "8080"],
+                             "--api needs --api-token-file", "api-token")
+        self.assert_rejected(["-k", self.key_file, "--api", "nope:1", "--api-token-file",
+                              token], "--api", "nope:1")
+        short = self.write_file("short.token", b"abc")
+        self.assert_rejected(["-k", self.key_file, "--api", "8080", "--api-token-file",
+                              short], "--api-token-file", "too short")
+        missing = os.path.join(self.directory, "missing.token")
+        self.assert_rejected(["-k", self.key_file, "--api", "8080", "--api-token-file",
+                              missing], "--api-token-file", missing)
+
     def test_bad_firewall_options(self) -> None:
         self.assert_rejected(["-k", self.key_file, "--ipv6-group-depth", "9"],
                              "--ipv6-group-depth", "1-8")
