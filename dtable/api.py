@@ -206,6 +206,12 @@ class NodeCollector:
             ("dtable_firewall_warned", "Addresses warned now.", status["firewall"]["warned"]),
             ("dtable_firewall_blocked_subnets", "IPv6 subnets blocked now.",
              status["firewall"]["blocked_subnets"]),
+            ("dtable_reactor_worst_stall_seconds",
+             "The longest the reactor ran late since the node started.",
+             status["reactor"]["worst_stall_ms"] / 1000),
+            ("dtable_reactor_recent_worst_stall_seconds",
+             "The longest the reactor ran late in the last minute.",
+             status["reactor"]["recent_worst_stall_ms"] / 1000),
         ]
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(name, documentation, value=value)

@@ -102,6 +102,8 @@ class Config:
         endpoint string; a bare port or C{tcp:PORT} listens on loopback only.
         None serves no API.
     @ivar api_token_file: the file holding the API's bearer token.
+    @ivar memory_report_signal: write a memory report on SIGUSR2 (twistd
+        sets it; an embedding application decides about its own signals).
     @ivar block_command: with C{unblock_command}, a command run (without a
         shell; C{{address}} is replaced) when the firewall blocks or
         unblocks an address or subnet, to apply the block in the host's
@@ -163,6 +165,10 @@ class Config:
     block_command: str | None = attrs.field(default=None, converter=_command)
     unblock_command: str | None = attrs.field(default=None, converter=_command)
     max_pending_handshakes: int = attrs.field(default=256, validator=_positive)
+
+    # Watching the node itself.
+    stall_probe_interval: float = attrs.field(default=0.1, validator=_positive)
+    memory_report_signal: bool = False
 
     # Frames and buffers.
     hello_max_frame: int = attrs.field(default=16 * 1024, validator=_positive)

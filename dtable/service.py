@@ -12,6 +12,8 @@ L{dtable.replication}, L{dtable.broadcast} and L{dtable.peers}.
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.application.service import MultiService
@@ -31,6 +33,7 @@ from dtable.canonical import (
 from dtable.config import Config, ConfigError, master_signing_key
 from dtable.interfaces import IStore, ITableObserver
 from dtable.firewall import Firewall, FirewallEvent
+from dtable.health import StallProbe, memory_report
 from dtable.hostfirewall import run_command
 from dtable.links import GuardedTLSFactory, LinkServerFactory, PeerConnection, ProbeFactory
 from dtable.peers import (
@@ -169,6 +172,9 @@ class DistributedTable(MultiService):
         self._overlay_loop: LoopingCall | None = None
         self._started_at = 0.0
         self._beacons: dict[str, tuple[wire.Beacon, float]] = {}
+        #: How late the reactor runs (see L{StallProbe}).
+        self._stall_probe = StallProbe(reactor, config.stall_probe_interval)
+        self._previous_usr2: Any = None
         #: Bytes and frames over every connection since the node started.
         self.traffic = Traffic()
         #: Counts since the node started: batches applied (received or
@@ -469,6 +475,12 @@ class DistributedTable(MultiService):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        if self.config.memory_report_signal and self._previous_usr2 is None:
+            # Before anything is logged: whoever sees the node start may
+            # signal it at once.
+            self._previous_usr2 = signal.signal(
+                signal.SIGUSR2,
+                lambda signum, frame: self.reactor.callFromThread(self._signalled_report))
         self._startup = Deferred.fromCoroutine(self._start())
         self._startup.addErrback(self._start_failed)
 
@@ -520,6 +532,7 @@ class DistributedTable(MultiService):
         self._overlay_loop = LoopingCall(self._overlay_tick)
         self._overlay_loop.clock = self.reactor
         self._overlay_loop.start(self.config.clean_interval, now=False)
+        self._stall_probe.start()
         self._is_started = True
         self._emit("started")
         for obj in self._replica.iter_objects():
@@ -550,6 +563,26 @@ class DistributedTable(MultiService):
             log.warn("the stored table is not signed by the master key this node "
                      "trusts ({reason}); dropped its {count} objects, to be caught up "
                      "from the network", reason=reason, count=removed)
+
+    def write_memory_report(self) -> str:
+        """
+        Write a memory report (see L{dtable.health.memory_report}) to the
+        node's data directory (the working directory for a node in memory)
+        and return its path.
+
+        @raise OSError: if it cannot be written.
+        """
+        path = self.config.store_path()
+        directory = os.path.dirname(path) if path is not None else os.getcwd()
+        return memory_report(self, directory)
+
+    def _signalled_report(self) -> None:
+        try:
+            path = self.write_memory_report()
+        except OSError as e:
+            log.error("cannot write the memory report: {reason}", reason=str(e))
+            return
+        log.info("memory report written to {path}", path=path)
 
     async def _listen_api(self) -> None:
         from twisted.internet.endpoints import serverFromString
@@ -697,6 +730,10 @@ class DistributedTable(MultiService):
         if self._overlay_loop is not None and self._overlay_loop.running:
             self._overlay_loop.stop()
         self._overlay_loop = None
+        self._stall_probe.stop()
+        if self._previous_usr2 is not None:
+            signal.signal(signal.SIGUSR2, self._previous_usr2)
+            self._previous_usr2 = None
         await self._stop_api()
         if self._primary_rotation is not None:
             await self._primary_rotation
@@ -906,6 +943,7 @@ class DistributedTable(MultiService):
                         "frames_in": self.traffic.frames_in,
                         "frames_out": self.traffic.frames_out},
             "counters": dict(self.counters),
+            "reactor": self._stall_probe.report(),
             "messages_remembered": len(self.messages),
         }
 
