@@ -58,6 +58,9 @@ KEEP_ALIVE = 15.0
 MAX_STREAM_QUEUE = 16 * 1024 * 1024
 #: Objects read from the store per step of a snapshot.
 SNAPSHOT_CHUNK = 500
+#: Seconds a stopping node lets its API connections send what they hold
+#: before it aborts them.
+CLOSE_GRACE = 2.0
 
 
 def api_endpoint(description: str) -> str:
@@ -148,17 +151,33 @@ class ApiConnections(WrappingFactory):
             for d in waiters:
                 d.callback(None)
 
-    def close_all(self) -> Deferred:
+    def close_all(self, grace: float = CLOSE_GRACE) -> Deferred:
         """
-        Abort every open connection; the Deferred fires once all are gone.
+        Close every open connection once what was written to it is sent
+        (the end of a finished event stream, a last answer), and abort those
+        still open after C{grace} seconds; the Deferred fires once all are
+        gone.
         """
         if not self.protocols:
             return succeed(None)
         d: Deferred = Deferred()
         self._idle.append(d)
         for protocol in list(self.protocols):
-            protocol.transport.abortConnection()
-        return d
+            protocol.transport.loseConnection()
+        reactor = self.wrappedFactory.reactor
+
+        def abort() -> None:
+            for protocol in list(self.protocols):
+                protocol.transport.abortConnection()
+
+        call = reactor.callLater(grace, abort)
+
+        def cancel(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            return result
+
+        return d.addBoth(cancel)
 
 
 def make_site(node: "DistributedTable", token: str) -> tuple[ApiConnections, "ApiResource"]:
@@ -474,7 +493,10 @@ class ApiResource(Resource):
             self._allow(method, "POST")
             return self._message(request)
         if name == "events" and not rest:
-            self._allow(method, "GET")
+            # Not HEAD: the headers of a stream come with the stream.
+            if method != "GET":
+                raise ApiError(405, f"{method} is not allowed here; use GET",
+                               {"Allow": "GET"})
             return self._events(request)
         if name == "status" and not rest:
             self._allow(method, "GET")
