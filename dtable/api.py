@@ -7,6 +7,7 @@ for programs not written in Python and for operators.
     POST   /objects             add an object, or a list of them (master only)
     GET    /objects/{hash}      one object
     DELETE /objects/{hash}      remove an object (master only)
+    DELETE /objects             remove a JSON list of hashes (master only)
     POST   /messages            send a message to every node online
     GET    /events              Server-Sent Events: object_added, object_removed,
                                 message_received, error (?snapshot=1 starts with
@@ -217,6 +218,8 @@ class NodeCollector:
             ("dtable_overlay_nodes", "Nodes whose beacons arrived recently.",
              len(status["overlay"]["nodes"])),
             ("dtable_uptime_seconds", "Seconds since the node started.", status["uptime"]),
+            ("dtable_resident_memory_bytes", "Resident memory of the node's process.",
+             status["rss_bytes"] or 0),
             ("dtable_pending_handshakes", "Inbound connections waiting for their hello.",
              status["firewall"]["pending_handshakes"]),
             ("dtable_firewall_addresses", "Addresses the firewall tracks.",
@@ -481,7 +484,9 @@ class ApiResource(Resource):
                                 "bytes")
         name, rest = parts[0], parts[1:]
         if name == "objects" and not rest:
-            self._allow(method, "GET", "POST")
+            self._allow(method, "GET", "POST", "DELETE")
+            if method == "DELETE":
+                return self._remove_many(request)
             return self._list(request) if method == "GET" else self._add(request)
         if name == "objects" and len(rest) == 1:
             self._allow(method, "GET", "DELETE")
@@ -579,6 +584,17 @@ class ApiResource(Resource):
             raise ApiError(404, f"no object {h} in the table")
         self.node.remove_object(h)
         return self._maybe_wait(request, {"hash": h})
+
+    def _remove_many(self, request: server.Request) -> bytes | int:
+        self._require_master("remove objects")
+        body = _json_body(request)
+        if not isinstance(body, list) or not all(isinstance(h, str) and is_hash(h)
+                                                 for h in body):
+            raise ApiError(400, "send a JSON list of object hashes to remove")
+        for h in body:
+            self.node.remove_object(h)
+        return self._maybe_wait(request, {"removed": sum(h in self.node.table
+                                                         for h in body)})
 
     def _message(self, request: server.Request) -> bytes:
         body = _json_body(request)

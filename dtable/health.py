@@ -77,6 +77,13 @@ class StallProbe:
                 "probe_interval_ms": round(self._interval * 1000, 3)}
 
 
+def rss_bytes() -> int | None:
+    """
+    The process's resident memory in bytes (Linux), or None where unknown.
+    """
+    return _rss_bytes()
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as statm:

@@ -33,7 +33,7 @@ from dtable.canonical import (
 from dtable.config import Config, ConfigError, master_signing_key
 from dtable.interfaces import IStore, ITableObserver
 from dtable.firewall import Firewall, FirewallEvent
-from dtable.health import StallProbe, memory_report
+from dtable.health import StallProbe, memory_report, rss_bytes
 from dtable.hostfirewall import run_command
 from dtable.links import GuardedTLSFactory, LinkServerFactory, PeerConnection, ProbeFactory
 from dtable.peers import (
@@ -944,6 +944,7 @@ class DistributedTable(MultiService):
                         "frames_out": self.traffic.frames_out},
             "counters": dict(self.counters),
             "reactor": self._stall_probe.report(),
+            "rss_bytes": rss_bytes(),
             "messages_remembered": len(self.messages),
         }
 

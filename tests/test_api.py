@@ -200,6 +200,22 @@ async def test_add_get_remove_on_the_master(network):
 
 
 @pytest_twisted.ensureDeferred
+async def test_remove_many(network):
+    master, replica = network.nodes
+    client = Client(master)
+    code, _, body = await client.call("POST", "/objects?wait=1", [{"n": i} for i in range(20)])
+    hashes = body["hashes"]
+    code, _, body = await client.call("DELETE", "/objects?wait=1", hashes[:15] + ["0" * 64])
+    assert code == 200 and body["removed"] == 15 and body["rev"] == master.head.rev
+    await wait_for(replica, lambda n: n.head == master.head)
+    assert sorted(replica.table.hashes()) == sorted(hashes[15:])
+    code, _, body = await client.call("DELETE", "/objects", {"not": "a list"})
+    assert code == 400 and "list of object hashes" in body["error"]
+    code, _, body = await Client(replica).call("DELETE", "/objects", hashes[15:])
+    assert code == 403
+
+
+@pytest_twisted.ensureDeferred
 async def test_list_in_pages(network):
     master, replica = network.nodes
     objects = [{"n": i} for i in range(250)]
