@@ -81,10 +81,6 @@ def rss_bytes() -> int | None:
     """
     The process's resident memory in bytes (Linux), or None where unknown.
     """
-    return _rss_bytes()
-
-
-def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -117,7 +113,7 @@ def memory_report(node: Any, directory: str, top: int = 30) -> str:
     lines = [
         f"dtable memory report, node {node.node_id}, pid {os.getpid()}, {stamp} UTC",
         "",
-        f"resident memory: {_rss_bytes()} bytes",
+        f"resident memory: {rss_bytes()} bytes",
         f"objects in the table: {len(node.table)}",
         f"revision: {node.head.rev}",
         f"links: {len(node.links)}",
