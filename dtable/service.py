@@ -44,7 +44,7 @@ from dtable.replication import (
     BadHead, BatchLog, BatchRejected, BatchWindow, Change, Decision, HeadSigner,
     HeadVerifier, Replica,
 )
-from dtable.store import MemoryStore, SqliteStore
+from dtable.store import BackgroundSqliteStore, MemoryStore
 from dtable.table import EMPTY_ROOT, Table
 from dtable.wire import Head, ProtocolViolation
 
@@ -158,7 +158,7 @@ class DistributedTable(MultiService):
         self.name = f"dtable node {self.node_id[:8]}"
         if store is None:
             path = config.store_path()
-            store = MemoryStore() if path is None else SqliteStore(path)
+            store = MemoryStore() if path is None else BackgroundSqliteStore(path)
         self._store = store
         self.table = Table()
         self.directory = PeerDirectory(config.peers, window=config.ping_window)

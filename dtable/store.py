@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import sqlite3
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from dtable.canonical import HASH_RE
@@ -30,7 +34,10 @@ from dtable.interfaces import IStore
 from dtable.table import EMPTY_ROOT
 from dtable.wire import Head
 
+log = Logger(namespace="dtable.store")
+
 __all__ = [
+    "BackgroundSqliteStore",
     "DB_NAME",
     "SCHEMA_VERSION",
     "MemoryStore",
@@ -436,3 +443,202 @@ class SqliteStore:
 
     def _failed(self, doing: str, e: sqlite3.Error) -> StoreError:
         return StoreError(self.path, f"{doing} failed: {e}")
+
+
+class _Pending:
+    """
+    One commit queued for the writer: what it adds and removes, for reads
+    until it is on disk.
+    """
+
+    __slots__ = ("head", "adds", "removes")
+
+    def __init__(self, head: Head, adds: list[tuple[str, bytes]],
+                 removes: list[str]) -> None:
+        self.head = head
+        self.adds = dict(adds)
+        self.removes = set(removes)
+
+
+@implementer(IStore)
+class BackgroundSqliteStore:
+    """
+    An L{SqliteStore} whose commits are written by a thread of its own, so
+    that the thread that calls L{commit} (the reactor's) does not wait for
+    SQLite.
+
+    Commits are written in order, each one transaction, as L{SqliteStore}
+    writes them. Until one is on disk, reads answer from it in memory, so
+    the store reads as if every commit were done. A crash loses the
+    commits still queued, never part of one: the file holds the state of
+    the last commit written, which a node catches up from like any other
+    state. L{close} waits until every commit is written.
+
+    At most C{max_pending} commits wait; a further L{commit} waits for the
+    writer, which bounds the memory held for a slow disk. If the writer
+    fails (a full disk), the failure is logged and every later L{commit}
+    raises L{StoreError}.
+
+    @ivar path: the SQLite file.
+    """
+
+    def __init__(self, path: str, max_pending: int = 64,
+                 writer_factory: type[SqliteStore] = SqliteStore) -> None:
+        """
+        @param path: the SQLite file.
+        @param max_pending: commits that may wait for the writer at most.
+        @param writer_factory: makes the writer's L{SqliteStore} (tests
+            give it one that fails).
+        """
+        self.path = os.fspath(path)
+        self._reader = SqliteStore(self.path)
+        self._writer_factory = writer_factory
+        self._max_pending = max_pending
+        self._pending: deque[_Pending] = deque()
+        self._lock = threading.Lock()
+        self._work: queue.Queue[_Pending | None] = queue.Queue()
+        self._space = threading.Semaphore(max_pending)
+        self._thread: threading.Thread | None = None
+        self._error: StoreError | None = None
+
+    @classmethod
+    def in_directory(cls, data_dir: str) -> "BackgroundSqliteStore":
+        return cls(os.path.join(data_dir, DB_NAME))
+
+    def __repr__(self) -> str:
+        return f"BackgroundSqliteStore({self.path!r})"
+
+    # Opening and closing ------------------------------------------------------
+
+    def open(self) -> None:
+        if self._thread is not None:
+            return
+        self._reader.open()
+        self._error = None
+        opened: queue.Queue[BaseException | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._write, args=(opened,),
+                                        name=f"dtable store writer {self.path}",
+                                        daemon=True)
+        self._thread.start()
+        failure = opened.get()
+        if failure is not None:
+            self._thread.join()
+            self._thread = None
+            self._reader.close()
+            raise failure
+
+    def close(self) -> None:
+        """
+        Wait until every queued commit is written, then close the file.
+        """
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._work.put(None)
+            thread.join()
+        self._reader.close()
+
+    # Reading ------------------------------------------------------------------
+
+    def head(self) -> Head:
+        self._check()
+        with self._lock:
+            if self._pending:
+                return self._pending[-1].head
+        return self._reader.head()
+
+    def count(self) -> int:
+        self._drain()
+        return self._reader.count()
+
+    def hashes(self) -> Iterator[str]:
+        self._drain()
+        return self._reader.hashes()
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        self._drain()
+        return self._reader.items()
+
+    def get(self, h: str) -> bytes | None:
+        return self.get_many([h]).get(h)
+
+    def get_many(self, hs: Iterable[str]) -> dict[str, bytes]:
+        self._check()
+        wanted = list(hs)
+        with self._lock:
+            pending = list(self._pending)
+        found: dict[str, bytes] = {}
+        settled: set[str] = set()
+        # The newest pending commit that mentions a hash decides it.
+        for entry in reversed(pending):
+            for h in wanted:
+                if h in settled:
+                    continue
+                data = entry.adds.get(h)
+                if data is not None:
+                    found[h] = data
+                    settled.add(h)
+                elif h in entry.removes:
+                    settled.add(h)
+        rest = [h for h in wanted if h not in settled]
+        if rest:
+            found.update(self._reader.get_many(rest))
+        return found
+
+    # Writing ------------------------------------------------------------------
+
+    def commit(self, head: Head, adds: list[tuple[str, bytes]],
+               removes: list[str]) -> None:
+        """
+        See L{IStore.commit}: queue the commit for the writer; it reads as
+        done at once.
+
+        @raise StoreError: if an earlier commit could not be written.
+        """
+        self._check()
+        removes = [_check_hash(h) for h in removes]
+        adds = [(_check_hash(h), _check_data(data)) for h, data in adds]
+        if self._error is not None:
+            raise self._error
+        self._space.acquire()
+        entry = _Pending(head, adds, removes)
+        with self._lock:
+            self._pending.append(entry)
+        self._work.put(entry)
+
+    # The writer thread -----------------------------------------------------------
+
+    def _write(self, opened: "queue.Queue[BaseException | None]") -> None:
+        writer = self._writer_factory(self.path)
+        try:
+            writer.open()
+        except BaseException as e:
+            opened.put(e)
+            return
+        opened.put(None)
+        try:
+            while (entry := self._work.get()) is not None:
+                if self._error is None:
+                    try:
+                        writer.commit(entry.head, list(entry.adds.items()),
+                                      list(entry.removes))
+                    except StoreError as e:
+                        self._error = e
+                        log.critical("cannot write the table to {path}: {reason}; "
+                                     "changes are kept in memory only", path=self.path,
+                                     reason=str(e))
+                    else:
+                        with self._lock:
+                            self._pending.popleft()
+                self._space.release()
+                self._work.task_done()
+            self._work.task_done()  # the end marker
+        finally:
+            writer.close()
+
+    def _drain(self) -> None:
+        self._check()
+        self._work.join()
+
+    def _check(self) -> None:
+        if self._thread is None:
+            raise StoreClosed(f"the store {self.path!r} is not open")

@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ from dtable.canonical import canonical_bytes, hash_bytes
 from dtable.interfaces import IStore
 from dtable.store import (
     DB_NAME,
+    BackgroundSqliteStore,
     SCHEMA_VERSION,
     MemoryStore,
     SqliteStore,
@@ -427,3 +429,74 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         two = self.opened()
         head = self.commit(one, 1, entries(1, 2))
         self.assertEqual(self.state(two), (head, sorted(entries(1, 2))))
+
+
+class BackgroundSqliteStoreTests(StoreContract, SynchronousTestCase):
+    """
+    The store a node uses by default: SQLite written by a thread of its own.
+    It keeps the whole contract, reads its queued commits before they are
+    on disk, and has them all on disk once closed.
+    """
+
+    def setUp(self) -> None:
+        self.dir = temp_dir(self)
+        self.path = os.path.join(self.dir, "data", DB_NAME)
+
+    def new_store(self) -> BackgroundSqliteStore:
+        return BackgroundSqliteStore(self.path)
+
+    def test_queued_commits_read_as_done(self) -> None:
+        gate = threading.Event()
+
+        class Held(SqliteStore):
+            def commit(self, head, adds, removes) -> None:
+                # Bounded: the test fails rather than hangs if never released.
+                gate.wait(30)
+                super().commit(head, adds, removes)
+
+        store = BackgroundSqliteStore(self.path, writer_factory=Held)
+        store.open()
+        self.addCleanup(store.close)
+        # Heads made here: the contract's commit() reads the store's hashes,
+        # which waits for the writer.
+        first = head_of(1, sorted(h for h, _ in entries(1, 2, 3)))
+        store.commit(first, entries(1, 2, 3), [])
+        second = head_of(2, sorted(h for h, _ in entries(1, 3, 4)))
+        store.commit(second, entries(4), [entry(2)[0]])
+        self.assertEqual(store.head(), second)
+        self.assertEqual(store.get(entry(4)[0]), entry(4)[1])
+        self.assertIsNone(store.get(entry(2)[0]))
+        self.assertEqual(store.get_many([entry(1)[0], entry(2)[0], entry(4)[0]]),
+                         dict([entry(1), entry(4)]))
+        # Nothing of them is on disk yet.
+        on_disk = sqlite3.connect(self.path)
+        self.addCleanup(on_disk.close)
+        self.assertEqual(on_disk.execute("SELECT rev FROM head").fetchone()[0], 0)
+        gate.set()
+        store.close()
+        self.assertEqual(on_disk.execute("SELECT rev FROM head").fetchone()[0], 2)
+        again = SqliteStore(self.path)
+        again.open()
+        self.addCleanup(again.close)
+        self.assertEqual(again.head(), second)
+        self.assertEqual(sorted(again.items()), sorted(entries(1, 3, 4)))
+
+    def test_failed_write_is_reported_and_later_commits_refused(self) -> None:
+        class FullDisk(SqliteStore):
+            def commit(self, head, adds, removes) -> None:
+                if head.rev >= 2:
+                    raise StoreError(self.path, "writing failed: database or disk is full")
+                super().commit(head, adds, removes)
+
+        store = BackgroundSqliteStore(self.path, writer_factory=FullDisk)
+        store.open()
+        self.addCleanup(store.close)
+        self.commit(store, 1, entries(1))
+        self.commit(store, 2, entries(2))
+        store.count()  # waits for the writer
+        with self.assertRaises(StoreError) as e:
+            self.commit(store, 3, entries(3))
+        self.assertIn("disk is full", str(e.exception))
+        # What was committed is still readable, from memory.
+        self.assertEqual(store.get(entry(2)[0]), entry(2)[1])
+        self.assertEqual(store.head().rev, 2)
