@@ -6,7 +6,9 @@ SIGUSR2 on a node run by twistd.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import tracemalloc
 
 import pytest_twisted
@@ -62,7 +64,8 @@ class MemoryReportTests(SynchronousTestCase):
         for i in range(50):
             self.node.add_object({"n": i})
         self.successResultOf(self.node.flush())
-        directory = self.mktemp()
+        directory = tempfile.mkdtemp(prefix="dtable-report-")
+        self.addCleanup(shutil.rmtree, directory)
         first = memory_report(self.node, directory)
         with open(first) as f:
             text = f.read()
