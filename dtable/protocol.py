@@ -381,6 +381,12 @@ class PeerProtocol(Int32StringReceiver):
             # certificate.
             self.sendString(self.hub.local_hello(self.role))
 
+    def dataReceived(self, data: bytes) -> None:
+        # Any bytes mean the peer is there: a frame of many megabytes may
+        # take longer than the dead-link timeout to arrive whole.
+        self._last_heard = self.clock.seconds()
+        super().dataReceived(data)
+
     def stringReceived(self, frame: bytes) -> None:
         self._last_heard = self.clock.seconds()
         self.bytes_received += len(frame) + 4

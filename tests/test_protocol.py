@@ -501,6 +501,21 @@ class LiveLinkTests(ProtocolTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.hub.named("link_down")), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_part_of_a_large_frame_keeps_the_link_up(self) -> None:
+        """
+        A link receiving one frame that takes longer than the dead-link
+        timeout to arrive is not dead: bytes are arriving.
+        """
+        frame = wire.message("big", PEER_ID, "x" * 50_000)
+        data = length_prefixed(frame)
+        pieces = [data[i:i + 5_000] for i in range(0, len(data), 5_000)]
+        for piece in pieces:
+            self.clock.advance(CONFIG.ping_interval)
+            self.protocol.dataReceived(piece)
+        self.assertTrue(self.protocol.is_live)
+        self.assertEqual(self.hub.named("link_down"), [])
+        self.assertEqual(len(self.hub.named("frame_received")), 1)
+
     def test_request_answered(self) -> None:
         d = self.protocol.request(log_request)
         [request] = self.sent_messages()
