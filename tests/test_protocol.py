@@ -516,6 +516,45 @@ class LiveLinkTests(ProtocolTestMixin, SynchronousTestCase):
         self.assertEqual(self.hub.named("link_down"), [])
         self.assertEqual(len(self.hub.named("frame_received")), 1)
 
+    def test_frames_split_anywhere(self) -> None:
+        """
+        Frames arrive whole and in order however the bytes are cut: one
+        byte at a time, several frames and a part in one read.
+        """
+        frames = [wire.message(f"m{i}", PEER_ID, "y" * i) for i in range(20)]
+        data = b"".join(length_prefixed(f) for f in frames)
+        cuts = [0, 1, 2, 3, 4, 5, 90, 91, 700, 701, len(data) - 1, len(data)]
+        for start, end in zip(cuts, cuts[1:]):
+            self.protocol.dataReceived(data[start:end])
+        self.assertEqual([raw for _, _, raw in self.hub.named("frame_received")], frames)
+
+    def test_large_frame_in_records(self) -> None:
+        """
+        A frame of the largest size allowed, arriving in 16 KiB TLS records,
+        arrives whole (buffering it copies each byte a bounded number of
+        times; a copy of everything buffered per read took minutes).
+        """
+        frame = big_message(CONFIG.max_frame)
+        data = length_prefixed(frame) + length_prefixed(wire.ping(9))
+        for i in range(0, len(data), 16_384):
+            self.protocol.dataReceived(data[i:i + 16_384])
+        [(_, _, raw)] = self.hub.named("frame_received")
+        self.assertEqual(raw, frame)
+        self.assertEqual(self.sent_messages(), [wire.Pong(id=9)])
+
+    def test_nothing_read_after_close(self) -> None:
+        """
+        Once this node closes a link, frames already buffered behind the
+        one that closed it are not decoded or answered.
+        """
+        self.hub.reject_frames = "refused"
+        self.protocol.dataReceived(
+            length_prefixed(wire.message("m1", PEER_ID, None))
+            + length_prefixed(wire.ping(4)) + length_prefixed(wire.ping(5))[:3])
+        self.protocol.dataReceived(length_prefixed(wire.ping(5))[3:])
+        self.assertViolation("refused")
+        self.assertEqual(self.sent(), [])
+
     def test_request_answered(self) -> None:
         d = self.protocol.request(log_request)
         [request] = self.sent_messages()
