@@ -207,8 +207,9 @@ class Node:
     """
 
     def __init__(self, name: str, directory: str, port: int, api_port: int,
-                 arguments: list[str], token: str) -> None:
+                 arguments: list[str], token: str, profile: bool = False) -> None:
         self.name = name
+        self.profile = profile
         self.directory = directory
         self.port = port
         self.api_port = api_port
@@ -233,7 +234,10 @@ class Node:
         os.makedirs(self.directory)
         with open(os.path.join(self.directory, "twistd.out"), "wb") as output:
             self.process = subprocess.Popen(
-                [*_twistd(), "-n", "--pidfile=", "--logfile=node.log", "dtable",
+                [*_twistd(), "-n", "--pidfile=", "--logfile=node.log",
+                 *(["--profile=node.prof", "--profiler=cprofile", "--savestats"]
+                   if self.profile else []),
+                 "dtable",
                  "--interface", "127.0.0.1", "--port", str(self.port),
                  "--data-dir", os.path.join(self.directory, "data"),
                  "--key-file", key_file, "--api", str(self.api_port),
@@ -512,7 +516,8 @@ class Bench:
             else:
                 arguments += ["--peer", nodes[TOPOLOGIES[topology][name]].address]
             nodes[name] = Node(name, os.path.join(base, name), ports[2 * k],
-                               ports[2 * k + 1], arguments, self.token)
+                               ports[2 * k + 1], arguments, self.token,
+                               profile=name in self.args.profile)
         for node in nodes.values():
             self.running.append(node)
             node.start(self.key_file, self.token_file)
@@ -581,6 +586,9 @@ class Bench:
                                   f"-{node.name}.log")
             try:
                 shutil.copyfile(os.path.join(node.directory, "node.log"), target)
+                if node.profile:
+                    shutil.copyfile(os.path.join(node.directory, "node.prof"),
+                                    target[:-len(".log")] + ".prof")
             except OSError:
                 pass
 
@@ -1398,7 +1406,13 @@ def main() -> int:
     parser.add_argument("--keep-logs", default=None, metavar="DIR",
                         help="copy every node's log to DIR before the temporary "
                              "directory is removed")
+    parser.add_argument("--profile", type=_choices(tuple(NAMES)), default=[],
+                        help="run these nodes (comma-separated: master,n1,...) under "
+                             "cProfile; with --keep-logs their stats are kept as "
+                             "DIR/...-NAME.prof (pstats format); slows them down")
     args = parser.parse_args()
+    if args.profile and not args.keep_logs:
+        parser.error("--profile needs --keep-logs to keep the profiles")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if args.chunk < 1 or args.flood_threads < 1 or args.messages < 1 or args.flood < 1:
