@@ -18,7 +18,7 @@ build the answers. It knows nothing of sockets.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -86,13 +86,14 @@ async def catch_up(replica: Replica, request: Request, fetch_chunk: int) -> tupl
         if not isinstance(answer, wire.LogEntries):
             raise ProtocolViolation("answered a log request with something else")
         changes = []
-        for batch in answer.batches:
+        frames = answer.frames or [None] * len(answer.batches)
+        for batch, frame in zip(answer.batches, frames):
             if batch.head.rev <= replica.head.rev:
                 continue
             if batch.head.base != replica.head.rev:
                 break
             try:
-                changes.append(replica.apply_batch(batch))
+                changes.append(replica.apply_batch(batch, frame))
             except (BadHead, BatchRejected):
                 if not changes:
                     raise
@@ -216,17 +217,25 @@ async def _fetch(request: Request, wanted: list[str],
             if not answer.objects:
                 raise PeerMoved("objects vanished while they were fetched")
             asked = set(chunk)
-            for obj in answer.objects:
-                try:
-                    data = canonical_bytes(obj)
-                except InvalidObjectError as e:
-                    raise ProtocolViolation(f"sent an invalid object: {e}")
+            for obj, data in zip(answer.objects, _object_data(answer)):
+                # An object is known by the hash of the bytes it came as;
+                # only what was asked for is kept, and the install checks
+                # the result against the signed root.
                 h = hash_bytes(data)
                 if h not in asked:
                     raise ProtocolViolation("sent an object that was not asked for")
                 fetched[h] = (obj, data)
         wanted = [h for h in wanted if h not in fetched]
     return fetched
+
+
+def _object_data(answer: wire.Objects) -> Iterable[bytes]:
+    if answer.data is not None:
+        return answer.data
+    try:
+        return [canonical_bytes(obj) for obj in answer.objects]
+    except InvalidObjectError as e:
+        raise ProtocolViolation(f"sent an invalid object: {e}")
 
 
 # The node ahead --------------------------------------------------------------

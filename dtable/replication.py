@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from dtable import crypto, wire
 from dtable.canonical import (
-    InvalidObjectError, canonical_bytes, decode_object, hash_bytes,
+    InvalidObjectError, canonical_bytes, hash_bytes, load_stored,
 )
 from dtable.interfaces import IStore
 from dtable.table import EMPTY_ROOT, Table
@@ -137,6 +137,20 @@ def _encode_adds(objects: Iterable[dict]) -> list[tuple[str, dict, bytes]]:
     return out
 
 
+def batch_adds(batch: wire.Batch) -> list[tuple[str, dict, bytes]]:
+    """
+    A batch's adds as (hash, object, bytes). A batch that arrived is hashed
+    over the bytes it carried, which the signed root then vouches for; one
+    built in this process is encoded.
+
+    @raise InvalidObjectError: if an object built here is not a table object.
+    """
+    if batch.add_data is None:
+        return _encode_adds(batch.adds)
+    return [(hash_bytes(data), obj, data)
+            for obj, data in zip(batch.adds, batch.add_data)]
+
+
 class BatchLog:
     """
     The most recent batches a node applied, as their frames, so that a peer
@@ -243,7 +257,7 @@ class Replica:
 
     def get(self, h: str) -> dict | None:
         data = self._store.get(h) if h in self.table else None
-        return decode_object(data) if data is not None else None
+        return load_stored(data) if data is not None else None
 
     def data(self, hashes: Iterable[str]) -> dict[str, bytes]:
         return self._store.get_many(h for h in hashes if h in self.table)
@@ -257,7 +271,7 @@ class Replica:
         step.
         """
         for _, data in self._store.items():
-            yield decode_object(data)
+            yield load_stored(data)
 
     # Steps ---------------------------------------------------------------------
 
@@ -287,7 +301,7 @@ class Replica:
                 f"{self.head.rev}"
             )
         try:
-            adds = _encode_adds(batch.adds)
+            adds = batch_adds(batch)
         except InvalidObjectError as e:
             raise BatchRejected(f"batch {head.rev} holds an invalid object: {e}")
         change = self._step(head, adds, list(batch.removes))
@@ -335,7 +349,7 @@ class Replica:
         frame = wire.batch(head, [data for _, _, data in adds], removes)
         self.log.append(head, frame)
         return Change(head=head, added=[obj for _, obj, _ in adds],
-                      removed=[decode_object(removed_data[h]) for h in removes]), frame
+                      removed=[load_stored(removed_data[h]) for h in removes]), frame
 
     def _step(self, head: Head, adds: list[tuple[str, dict, bytes]],
               removes: list[str]) -> Change:
@@ -349,7 +363,7 @@ class Replica:
         adds = [a for a in adds if a[0] in new]
         self._commit(head, adds, removed)
         return Change(head=head, added=[obj for _, obj, _ in adds],
-                      removed=[decode_object(removed_data[h]) for h in removed])
+                      removed=[load_stored(removed_data[h]) for h in removed])
 
     def _commit(self, head: Head, adds: list[tuple[str, dict, bytes]],
                 removes: list[str]) -> None:

@@ -352,10 +352,16 @@ class Table:
         """
         to_add = list(adds)
         for h in to_add:
-            if not is_hash(h):
+            if type(h) is not str or _match_hash(h) is None:
                 raise ValueError(f"not a hash: {h!r}")
         removed = [h for h in removes if self.remove(h)]
-        added = [h for h in to_add if self.add(h)]
+        members = self._members
+        added = []
+        for h in to_add:
+            if h not in members:
+                members.add(h)
+                self._insert(h)
+                added.append(h)
         return added, removed
 
     def clear(self) -> None:

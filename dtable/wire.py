@@ -43,7 +43,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-_loads = json.JSONDecoder(parse_constant=_reject_constant).decode
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_loads = _DECODER.decode
+_scan_once = _DECODER.scan_once
+_scan_string = json.decoder.scanstring
+_skip_space = re.compile(r"[ \t\n\r]*").match
+#: What _skip_space skips, one character at a time ("" at the end of the
+#: text is not in it).
+_SPACE = frozenset(" \t\n\r")
 
 
 class ProtocolViolation(Exception):
@@ -111,6 +118,9 @@ class Batch:
     head: Head
     adds: tuple[dict, ...]
     removes: tuple[str, ...]
+    #: The adds as the bytes they arrived in (None for a batch built in
+    #: this process); a batch is hashed over these, and not encoded again.
+    add_data: tuple[bytes, ...] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -135,6 +145,8 @@ class Fetch:
 class Objects:
     id: int
     objects: tuple[dict, ...]
+    #: The objects as the bytes they arrived in (see L{Batch.add_data}).
+    data: tuple[bytes, ...] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -189,6 +201,8 @@ class LogRequest:
 class LogEntries:
     id: int
     batches: tuple[Batch, ...]
+    #: Each batch's frame, as it arrived.
+    frames: tuple[bytes, ...] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -305,7 +319,7 @@ def _match(value: Any, pattern: re.Pattern[str], name: str) -> str:
 
 
 def _list(value: Any, name: str) -> list[Any]:
-    if type(value) is not list or len(value) > _MAX_LIST:
+    if (type(value) is not list and type(value) is not _Spanned) or len(value) > _MAX_LIST:
         raise ProtocolViolation(f"{name} must be a list of at most {_MAX_LIST}")
     return value
 
@@ -319,7 +333,25 @@ def _objects(value: Any, name: str) -> tuple[dict, ...]:
     for item in items:
         if type(item) is not dict:
             raise ProtocolViolation(f"{name} must hold JSON objects")
+    raw = _raw(items)
+    for item, text in zip(items, raw or ()):
+        if (text.count("{") + text.count("[") > MAX_DEPTH
+                and nested_deeper_than(item, MAX_DEPTH)):
+            raise ProtocolViolation(f"{name} holds an object nested deeper than "
+                                    f"{MAX_DEPTH} levels")
     return tuple(items)
+
+
+def _raw(items: list[Any]) -> list[str] | None:
+    """
+    The texts the items of a list arrived as, if it was parsed from a frame.
+    """
+    return items.raw if type(items) is _Spanned else None
+
+
+def _raw_bytes(items: list[Any]) -> tuple[bytes, ...] | None:
+    raw = _raw(items)
+    return None if raw is None else tuple(text.encode("utf-8") for text in raw)
 
 
 def parse_head(value: Any) -> Head:
@@ -380,6 +412,7 @@ def _batch(p: dict[str, Any]) -> Batch:
         head=head,
         adds=_objects(p["add"], "add"),
         removes=_hashes(p["remove"], "remove"),
+        add_data=_raw_bytes(p["add"]),
     )
 
 
@@ -407,7 +440,8 @@ def _fetch(p: dict[str, Any]) -> Fetch:
 
 def _objects_message(p: dict[str, Any]) -> Objects:
     _fields(p, "objects", {"id", "objects"})
-    return Objects(id=_int(p["id"], "id"), objects=_objects(p["objects"], "objects"))
+    return Objects(id=_int(p["id"], "id"), objects=_objects(p["objects"], "objects"),
+                   data=_raw_bytes(p["objects"]))
 
 
 def _refusal(p: dict[str, Any]) -> Refusal:
@@ -496,11 +530,13 @@ def _log_request(p: dict[str, Any]) -> LogRequest:
 
 def _log_entries(p: dict[str, Any]) -> LogEntries:
     _fields(p, "log", {"id", "batches"})
-    batches = tuple(parse_batch(b) for b in _list(p["batches"], "batches"))
+    entries = _list(p["batches"], "batches")
+    batches = tuple(parse_batch(b) for b in entries)
     for previous, batch in zip(batches, batches[1:]):
         if batch.head.base != previous.head.rev:
             raise ProtocolViolation("log batches are not consecutive")
-    return LogEntries(id=_int(p["id"], "id"), batches=batches)
+    return LogEntries(id=_int(p["id"], "id"), batches=batches,
+                      frames=_raw_bytes(entries))
 
 
 def _tree_request(p: dict[str, Any]) -> TreeRequest:
@@ -592,10 +628,13 @@ def decode(frame: bytes) -> WireMessage:
     Parse and validate one frame's payload.
 
     @raise ProtocolViolation: if it is not UTF-8 JSON, not an object, of an
-        unknown type, or breaks its type's schema.
+        unknown type, nested deeper than L{MAX_NESTING}, or breaks its
+        type's schema.
     """
     try:
-        payload = _loads(frame.decode("utf-8"))
+        payload = _parse_frame(frame.decode("utf-8"))
+    except _TooDeep:
+        raise ProtocolViolation(f"frame is nested deeper than {MAX_NESTING} levels") from None
     except (ValueError, RecursionError) as e:
         raise ProtocolViolation(f"frame is not UTF-8 JSON: {e}") from None
     if type(payload) is not dict:
@@ -604,12 +643,146 @@ def decode(frame: bytes) -> WireMessage:
     parser = _PARSERS.get(kind) if type(kind) is str else None
     if parser is None:
         raise ProtocolViolation(f"unknown frame type {str(kind)[:40]!r}")
-    # Counting brackets is cheap and bounds the nesting from above (brackets
-    # inside strings only make it an overestimate).
-    if (frame.count(b"[") + frame.count(b"{") > MAX_NESTING
-            and nested_deeper_than(payload, MAX_NESTING)):
-        raise ProtocolViolation(f"frame is nested deeper than {MAX_NESTING} levels")
     return parser(payload)
+
+
+# Parsing with spans ------------------------------------------------------------
+#
+# A batch carries each added object as the master's canonical bytes, and its
+# hash is taken over exactly those bytes. The frame is parsed once, by the
+# JSON decoder's own scanner, value by value; for the lists named below the
+# text of every item is kept as well, so that the objects are hashed and
+# stored as they arrived, and a log answer's batches are kept as their
+# frames, without encoding anything again. Nothing is trusted for it: the
+# hashes must still give the root the master signed, and a table object's
+# text that is not what the master hashed cannot give it.
+
+
+class _Spanned(list):  # type: ignore[type-arg]
+    """
+    A parsed list that knows the text each of its items arrived as.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw: list[str] = []
+
+
+class _TooDeep(Exception):
+    pass
+
+
+#: The lists whose items' texts are kept, by field name: C{None} for items
+#: parsed whole, or the same kind of table for items that are objects.
+_SPANNED: dict[str, dict | None] = {
+    "add": None,
+    "objects": None,
+    "batches": {"add": None},
+}
+
+
+def _parse_frame(text: str) -> Any:
+    pos = _skip_space(text, 0).end()
+    if not text.startswith("{", pos):
+        return _loads(text)
+    payload, pos = _scan_object(text, pos, _SPANNED, 1)
+    if _skip_space(text, pos).end() != len(text):
+        raise ValueError(f"extra data after the frame's object at {pos}")
+    return payload
+
+
+def _scan_value(text: str, pos: int, depth: int) -> tuple[Any, int]:
+    """
+    One value at C{pos}, C{depth} containers deep, and where it ends.
+    Brackets are counted first: the tree is walked only if there are
+    enough of them (inside strings they count too) to break the limit.
+    """
+    try:
+        value, end = _scan_once(text, pos)
+    except StopIteration:
+        raise ValueError(f"expecting a value at {pos}") from None
+    levels = MAX_NESTING - depth
+    if (text.count("{", pos, end) + text.count("[", pos, end) > levels
+            and nested_deeper_than(value, levels)):
+        raise _TooDeep()
+    return value, end
+
+
+def _scan_object(text: str, pos: int, spanned: dict[str, dict | None] | None,
+                 depth: int) -> tuple[dict[str, Any], int]:
+    """
+    The object at C{pos} (its "{"), and where it ends. Repeated keys keep
+    the last value, as the JSON decoder does.
+    """
+    obj: dict[str, Any] = {}
+    pos = _skip_space(text, pos + 1).end()
+    if text.startswith("}", pos):
+        return obj, pos + 1
+    while True:
+        if not text.startswith('"', pos):
+            raise ValueError(f"expecting a property name at {pos}")
+        key, pos = _scan_string(text, pos + 1)
+        pos = _skip_space(text, pos).end()
+        if not text.startswith(":", pos):
+            raise ValueError(f"expecting ':' at {pos}")
+        pos = _skip_space(text, pos + 1).end()
+        if spanned is not None and key in spanned and text.startswith("[", pos):
+            obj[key], pos = _scan_list(text, pos, spanned[key], depth + 1)
+        else:
+            obj[key], pos = _scan_value(text, pos, depth)
+        pos = _skip_space(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1).end()
+        elif text.startswith("}", pos):
+            return obj, pos + 1
+        else:
+            raise ValueError(f"expecting ',' or '}}' at {pos}")
+
+
+def _scan_list(text: str, pos: int, items_spanned: dict[str, dict | None] | None,
+               depth: int) -> tuple[_Spanned, int]:
+    """
+    The list at C{pos} (its "["), keeping each item's text. This is the
+    loop a batch's objects go through, so the common case (no spaces,
+    each item one scan) is spelled out.
+    """
+    items = _Spanned()
+    append, keep = items.append, items.raw.append
+    levels = MAX_NESTING - depth
+    count = text.count
+    pos = _skip_space(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return items, pos + 1
+    while True:
+        start = pos
+        if items_spanned is not None and text.startswith("{", pos):
+            item, pos = _scan_object(text, pos, items_spanned, depth + 1)
+        else:
+            try:
+                item, pos = _scan_once(text, pos)
+            except StopIteration:
+                raise ValueError(f"expecting a value at {pos}") from None
+            if (count("{", start, pos) + count("[", start, pos) > levels
+                    and nested_deeper_than(item, levels)):
+                raise _TooDeep()
+        append(item)
+        keep(text[start:pos])
+        delimiter = text[pos:pos + 1]
+        if delimiter in _SPACE:
+            pos = _skip_space(text, pos).end()
+            delimiter = text[pos:pos + 1]
+        if delimiter == ",":
+            pos += 1
+            if text[pos:pos + 1] in _SPACE:
+                pos = _skip_space(text, pos).end()
+        elif delimiter == "]":
+            if len(items) > _MAX_LIST:
+                raise ValueError(f"a list longer than {_MAX_LIST} at {start}")
+            return items, pos + 1
+        else:
+            raise ValueError(f"expecting ',' or ']' at {pos}")
 
 
 # Building frames -------------------------------------------------------------

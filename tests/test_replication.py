@@ -375,6 +375,23 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.assertEqual(sorted(self.follower_store.items()), stored)
         self.assertEqual(self.follower.log.since(0), [logged])
 
+    def test_object_bytes_not_the_master_s(self) -> None:
+        """
+        An arriving batch is hashed over the bytes it carries: the same
+        objects written otherwise (here with spaces, as a relay that
+        re-encodes might) do not give the signed root, and nothing changes.
+        """
+        frame = self.publish([A, D], [])
+        respaced = frame.replace(canonical_bytes(D), b'{"name": "d", "nested": {"k": null}}')
+        batch = decode_batch(respaced)
+        self.assertEqual(batch.adds, (A, D))
+        e = self.assertRaises(BatchRejected, self.follower.apply_batch, batch, respaced)
+        self.assertIn("root", e.reason)
+        self.assertEqual(len(self.follower.table), 0)
+        self.assertEqual(self.follower_store.count(), 0)
+        self.follower.apply_batch(decode_batch(frame), frame)
+        self.assertEqual(self.follower.data([h(D)]), {h(D): canonical_bytes(D)})
+
     def test_wrong_root_with_remove_and_readd(self) -> None:
         """
         Undoing a rejected batch that removed and re-added one object keeps

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from dtable import wire
-from dtable.canonical import canonical_bytes
+from dtable.canonical import MAX_DEPTH, canonical_bytes
 from dtable.wire import (
     DIGEST_BYTES,
     MAX_PREFIXES,
@@ -140,6 +140,31 @@ class RoundTripTests(SynchronousTestCase):
             message, Batch(head=SIGNED, adds=tuple(adds), removes=(HASH_A, HASH_B))
         )
 
+    def test_batch_keeps_the_bytes_it_came_as(self) -> None:
+        """
+        A decoded batch carries each added object's bytes exactly as they
+        were in the frame (hashes are taken over them), spaces included.
+        """
+        adds = [{"name": "www", "ip": "192.0.2.1"}, {"n": 1, "t": ["ü", None, True]}]
+        data = [canonical_bytes(o) for o in adds]
+        message = wire.decode(wire.batch(SIGNED, data, [HASH_A]))
+        self.assertEqual(message.add_data, tuple(data))
+        spaced = wire.batch(SIGNED, [b'{ "n" : 1 }', b"{}"], [])
+        message = wire.decode(spaced.replace(b'"add":[', b'"add" : [ ', 1))
+        self.assertEqual(message.adds, ({"n": 1}, {}))
+        self.assertEqual(message.add_data, (b'{ "n" : 1 }', b"{}"))
+
+    def test_object_nested_too_deep(self) -> None:
+        """
+        An added object nested deeper than a table object may be is refused
+        with the frame, though the frame itself is within its limit.
+        """
+        deep = b'{"a":' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}"
+        self.assertRaises(ProtocolViolation, wire.decode, wire.batch(SIGNED, [deep], []))
+        fits = b'{"a":' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1) + b"}"
+        [obj] = wire.decode(wire.batch(SIGNED, [fits], [])).adds
+        self.assertEqual(canonical_bytes(obj), fits)
+
     def test_empty_batch(self) -> None:
         message = wire.decode(wire.batch(SIGNED, [], []))
         self.assertEqual(message, Batch(head=SIGNED, adds=(), removes=()))
@@ -186,6 +211,17 @@ class RoundTripTests(SynchronousTestCase):
                 Batch(head=signed(7), adds=(adds[0],), removes=()),
             )),
         )
+
+    def test_log_entries_keep_their_frames(self) -> None:
+        frames = [wire.batch(signed(5), [b'{"name":"www"}'], [HASH_A]),
+                  wire.batch(signed(6), [], [HASH_B])]
+        message = wire.decode(wire.log_entries(3, frames))
+        self.assertEqual(message.frames, tuple(frames))
+        self.assertEqual(message.batches[0].add_data, (b'{"name":"www"}',))
+
+    def test_objects_keep_their_bytes(self) -> None:
+        data = [b'{"a":"\xc3\xbc"}', b'{"b":[1,2.5]}']
+        self.assertEqual(wire.decode(wire.objects(9, data)).data, tuple(data))
 
     def test_empty_log_entries(self) -> None:
         self.assertEqual(wire.decode(wire.log_entries(3, [])),
@@ -810,10 +846,13 @@ class RejectionTests(SynchronousTestCase):
     def test_nested_type_value(self) -> None:
         """
         A deeply nested (but parseable) type value is reported without
-        trouble.
+        trouble: as too deep, before its type is looked at.
         """
         self.assertViolation(
-            b'{"type":' + b"[" * 500 + b"]" * 500 + b"}", "unknown frame type"
+            b'{"type":' + b"[" * 500 + b"]" * 500 + b"}", "nested deeper than"
+        )
+        self.assertViolation(
+            b'{"type":' + b"[" * 50 + b"]" * 50 + b"}", "unknown frame type"
         )
 
 
@@ -895,6 +934,22 @@ class PropertyTests(SynchronousTestCase):
     @given(_frames)
     def test_arbitrary_objects(self, payload: dict[str, Any]) -> None:
         self._decode(json.dumps(payload).encode("utf-8"))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(st.sampled_from(_FIELD_NAMES), _json, max_size=7),
+           st.sampled_from([None, 0, 2]), st.booleans())
+    def test_parsed_as_the_json_decoder_parses(self, payload: dict[str, Any],
+                                               indent: int | None,
+                                               spaced: bool) -> None:
+        """
+        Frames are parsed value by value, keeping the text of some lists'
+        items; the result is what the JSON decoder makes of the same text,
+        however it is laid out.
+        """
+        text = json.dumps(payload, indent=indent, ensure_ascii=spaced,
+                          separators=(" , ", " : ") if spaced else (",", ":"))
+        self.assertEqual(wire._parse_frame(text), json.loads(text))
+        self.assertEqual(wire._parse_frame(f" \n{text}\t"), json.loads(text))
 
     @settings(max_examples=100, deadline=None)
     @given(
