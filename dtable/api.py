@@ -568,11 +568,9 @@ class ApiResource(Resource):
         body = _json_body(request)
         objects = body if isinstance(body, list) else [body]
         try:
-            for obj in objects:
-                canonical_bytes(obj)
+            hashes = self.node.add_objects(objects)
         except InvalidObjectError as e:
             raise ApiError(400, f"not a table object: {e}")
-        hashes = [self.node.add_object(obj) for obj in objects]
         result: dict[str, Any] = ({"hashes": hashes} if isinstance(body, list)
                                   else {"hash": hashes[0]})
         request.setResponseCode(http.CREATED if hashes else http.OK)

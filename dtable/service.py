@@ -368,6 +368,30 @@ class DistributedTable(MultiService):
         self._window.add(h, obj, data)
         return h
 
+    def add_objects(self, objects: Iterable[dict]) -> list[str]:
+        """
+        Add many objects at once (master only): all of them, or, if one is
+        not a table object, none.
+
+        @return: their hashes, in order.
+        @raise NotMasterError: on a node that is not the master.
+        @raise dtable.canonical.InvalidObjectError: naming the first object
+            that is not a JSON object, by its index.
+        """
+        objects = list(objects)
+        self._require_master("add_objects", objects)
+        encoded = []
+        for index, obj in enumerate(objects):
+            try:
+                data = canonical_bytes(obj)
+            except InvalidObjectError as e:
+                raise InvalidObjectError(f"object {index}: {e}") from None
+            encoded.append((hash_bytes(data), obj, data))
+        self._require_running("add_objects")
+        for h, obj, data in encoded:
+            self._window.add(h, obj, data)
+        return [h for h, _, _ in encoded]
+
     def remove_object(self, obj_or_hash: dict | str) -> str:
         """
         Remove an object, given as itself or its hash (master only).

@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 
 from dtable import crypto
+from dtable.canonical import InvalidObjectError, object_hash
 from dtable.service import DistributedTable, NotMasterError
 from dtable.testing import FAST, LocalNetwork, Recorder, wait_for, wait_for_all
 
@@ -133,13 +134,38 @@ async def test_non_master_cannot_change_the_table():
             node.add_object({"evil": True})
         with pytest.raises(NotMasterError):
             node.remove_object({"evil": True})
+        with pytest.raises(NotMasterError):
+            node.add_objects([{"evil": True}])
         errors = net.recorders[1].named("error")
-        assert [e[1] for e in errors] == ["add_object", "remove_object"]
+        assert [e[1] for e in errors] == ["add_object", "remove_object", "add_objects"]
         assert "not the master" in errors[0][0]
         h = net.master.add_object({"good": True})
         await net.converged()
         for n in net.nodes:
             assert _hashes(n) == {h}
+    finally:
+        await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_objects_all_or_none():
+    """
+    add_objects publishes every object it is given, or, if one of them is
+    not a table object, none of them, and says which.
+    """
+    net = LocalNetwork(_reactor(), size=2)
+    await net.start()
+    try:
+        objects = [{"n": i} for i in range(5)]
+        with pytest.raises(InvalidObjectError, match="object 3: .*NaN"):
+            net.master.add_objects(objects[:3] + [{"n": float("nan")}])
+        await net.master.flush()
+        assert len(net.master) == 0
+        hashes = net.master.add_objects(objects)
+        assert hashes == [object_hash(o) for o in objects]
+        await net.master.flush()
+        await net.converged()
+        assert _hashes(net.nodes[1]) == set(hashes)
     finally:
         await net.stop()
 
