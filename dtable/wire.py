@@ -683,10 +683,19 @@ _SPANNED: dict[str, dict | None] = {
 }
 
 
+_SPANNED_NAMES = tuple(f'"{name}"' for name in _SPANNED)
+
+
 def _parse_frame(text: str) -> Any:
     pos = _skip_space(text, 0).end()
-    if not text.startswith("{", pos):
-        return _loads(text)
+    if not text.startswith("{", pos) or not any(name in text for name in _SPANNED_NAMES):
+        # No list to keep the texts of (most frames: pings, messages):
+        # parsed whole, then its nesting bounded as for any value.
+        payload = _loads(text)
+        if (text.count("{") + text.count("[") > MAX_NESTING
+                and nested_deeper_than(payload, MAX_NESTING)):
+            raise _TooDeep()
+        return payload
     payload, pos = _scan_object(text, pos, _SPANNED, 1)
     if _skip_space(text, pos).end() != len(text):
         raise ValueError(f"extra data after the frame's object at {pos}")
