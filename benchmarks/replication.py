@@ -827,14 +827,17 @@ class Bench:
 
         def send(first: int) -> None:
             connection = KeepAlive(sender, args.timeout)
+            step = args.flood_list
             try:
-                for i in range(first, count, threads):
+                for start in range(first * step, count, threads * step):
                     if time.perf_counter() > deadline or errors:
                         return
                     at = time.time()
-                    connection.request("POST", "/messages",
-                                       {"kind": "flood", "seq": i, "sent": at})
-                    sent_at[i] = at
+                    seqs = range(start, min(start + step, count))
+                    connection.request("POST", "/messages?list=1",
+                                       [{"kind": "flood", "seq": i, "sent": at} for i in seqs])
+                    for i in seqs:
+                        sent_at[i] = at
             except (ApiClientError, OSError, http.client.HTTPException) as e:
                 errors.append(str(e))
             finally:
@@ -1391,6 +1394,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--message-interval", type=float, default=0.01)
     parser.add_argument("--flood", type=int, default=20_000)
+    parser.add_argument("--flood-list", type=int, default=100,
+                        help="messages per API call in the flood (POST /messages?list=1)")
     parser.add_argument("--flood-threads", type=int, default=4,
                         help="client threads sending the flood, each on a persistent "
                              "connection")
@@ -1415,8 +1420,10 @@ def main() -> int:
         parser.error("--profile needs --keep-logs to keep the profiles")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    if args.chunk < 1 or args.flood_threads < 1 or args.messages < 1 or args.flood < 1:
-        parser.error("--chunk, --flood-threads, --messages and --flood must be positive")
+    if (args.chunk < 1 or args.flood_threads < 1 or args.messages < 1 or args.flood < 1
+            or args.flood_list < 1):
+        parser.error("--chunk, --flood-threads, --flood-list, --messages and --flood "
+                     "must be positive")
     if args.keep_logs:
         os.makedirs(args.keep_logs, exist_ok=True)
 

@@ -8,7 +8,8 @@ for programs not written in Python and for operators.
     GET    /objects/{hash}      one object
     DELETE /objects/{hash}      remove an object (master only)
     DELETE /objects             remove a JSON list of hashes (master only)
-    POST   /messages            send a message to every node online
+    POST   /messages            send a message to every node online (?list=1:
+                                each item of a JSON list as its own message)
     GET    /events              Server-Sent Events: object_added, object_removed,
                                 message_received, error (?snapshot=1 starts with
                                 the table, then a ready event)
@@ -596,6 +597,13 @@ class ApiResource(Resource):
 
     def _message(self, request: server.Request) -> bytes:
         body = _json_body(request)
+        if _query(request).get("list", "0").lower() in ("1", "true", "yes"):
+            if not isinstance(body, list):
+                raise ApiError(400, "with ?list=1 the body is a JSON list of messages")
+            try:
+                return self._json(request, {"ids": self.node.send_messages(body)})
+            except InvalidObjectError as e:
+                raise ApiError(400, f"not a message: {e}")
         try:
             message_id = self.node.send_message(body)
         except InvalidObjectError as e:

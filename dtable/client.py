@@ -188,6 +188,14 @@ class ApiClient:
         """
         return self._json("POST", "/messages", body)
 
+    def send_many(self, bodies: list[Any]) -> dict[str, Any]:
+        """
+        Send each of C{bodies} as its own message, in one request.
+
+        @returns: C{{"ids": [MESSAGE_ID, ...]}}.
+        """
+        return self._json("POST", "/messages", bodies, query={"list": 1})
+
     def status(self) -> dict[str, Any]:
         """
         The node at a glance: id, head, links, known nodes, the overlay, the

@@ -419,17 +419,42 @@ class DistributedTable(MultiService):
         @return: the message id.
         @raise dtable.canonical.InvalidObjectError: if C{body} is not JSON.
         """
-        message_id = new_message_id()
-        try:
-            frame = wire.message(message_id, self.node_id, body)
-        except (TypeError, ValueError, RecursionError) as e:
-            raise InvalidObjectError(f"message is not JSON: {e}") from None
-        if wire.nested_deeper_than(body, wire.MAX_NESTING - 1):
-            raise InvalidObjectError(
-                f"message is nested deeper than {wire.MAX_NESTING - 1} levels")
+        [(message_id, frame)] = self._message_frames([body])
+        self._send_frame(message_id, frame)
+        return message_id
+
+    def send_messages(self, bodies: Iterable[Any]) -> list[str]:
+        """
+        Send each of C{bodies} as its own message (see L{send_message}): all
+        of them, or, if one is not JSON, none.
+
+        @return: the message ids, in order.
+        @raise dtable.canonical.InvalidObjectError: naming the first body
+            that is not JSON, by its index.
+        """
+        frames = self._message_frames(bodies)
+        for message_id, frame in frames:
+            self._send_frame(message_id, frame)
+        return [message_id for message_id, _ in frames]
+
+    def _message_frames(self, bodies: Iterable[Any]) -> list[tuple[str, bytes]]:
+        frames = []
+        for index, body in enumerate(bodies):
+            where = f"message {index}" if index else "message"
+            message_id = new_message_id()
+            try:
+                frame = wire.message(message_id, self.node_id, body)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise InvalidObjectError(f"{where} is not JSON: {e}") from None
+            if wire.nested_deeper_than(body, wire.MAX_NESTING - 1):
+                raise InvalidObjectError(
+                    f"{where} is nested deeper than {wire.MAX_NESTING - 1} levels")
+            frames.append((message_id, frame))
+        return frames
+
+    def _send_frame(self, message_id: str, frame: bytes) -> None:
         self.messages.first_sight(message_id)
         self._flood(frame, None)
-        return message_id
 
     def flush(self) -> Deferred:
         """

@@ -336,6 +336,36 @@ async def test_messages_and_the_event_stream(network):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_list_of_messages(network):
+    """
+    POST /messages?list=1 sends each item as its own message, all of them or,
+    if one is not a message, none; without it, a list is one message.
+    """
+    master, replica = network.nodes
+    await wait_for(replica, lambda n: bool(n.links))
+    got: list = []
+    master.on("message_received", got.append)
+    code, _, body = await Client(replica).call("POST", "/messages?list=1",
+                                               [{"n": 1}, [2], "three"])
+    assert code == 200 and len(set(body["ids"])) == 3
+    await wait_for(master, lambda n: len(got) == 3)
+    assert got == [{"n": 1}, [2], "three"]
+    code, _, body = await Client(replica).call("POST", "/messages", [4, 5])
+    await wait_for(master, lambda n: len(got) == 4)
+    assert got[3] == [4, 5]
+    code, _, body = await Client(replica).call("POST", "/messages?list=1", {"n": 1})
+    assert code == 400 and "JSON list" in body["error"]
+    deep: object = 1
+    for _ in range(200):
+        deep = [deep]
+    code, _, body = await Client(replica).call("POST", "/messages?list=1", [6, deep])
+    assert code == 400 and "message 1 is nested deeper" in body["error"]
+    replica.send_message("marker")
+    await wait_for(master, lambda n: got[-1] == "marker")
+    assert 6 not in got
+
+
+@pytest_twisted.ensureDeferred
 async def test_stream_without_snapshot_starts_with_what_happens_next(network):
     master, replica = network.nodes
     master.add_object({"old": 1})

@@ -404,6 +404,10 @@ async def test_client_events(network):
     master.send_message("one")
     name, data = await got
     assert (name, data) == ("message_received", {"body": "one"})
+    sent = await in_thread(ApiClient(api_of(master), TOKEN).send_many, ["two", [3]])
+    assert len(sent["ids"]) == 2
+    assert await in_thread(next, events) == ("message_received", {"body": "two"})
+    assert await in_thread(next, events) == ("message_received", {"body": [3]})
     await in_thread(events.close)
 
 
