@@ -185,23 +185,37 @@ class FrameReceiver(Protocol):
     everything buffered on every read, so that a frame of 16 MB arriving in
     TLS records of 16 KB took minutes.
 
+    Frames are handled for at most C{turn_budget} seconds in one turn of
+    the reactor: past it, reading pauses and the frames already buffered
+    wait for the next turn, so that a peer that sent many large batches
+    cannot keep this node from its timers and other connections.
+
     @ivar MAX_LENGTH: the longest frame accepted; a longer length prefix
         calls L{lengthLimitExceeded} and reading stops.
+    @ivar clock: the reactor (an C{IReactorTime}), for the turn budget.
     """
 
     MAX_LENGTH = 99999
+    turn_budget = 0.02
+    clock: "IReactorTime"
     _PREFIX = struct.Struct("!I")
 
     def __init__(self) -> None:
         self._received = bytearray()
         self._reading = True
+        self._next_turn: "IDelayedCall | None" = None
 
     def dataReceived(self, data: bytes) -> None:
         if not self._reading:
             return
+        self._received += data
+        if self._next_turn is None:
+            self._read_frames()
+
+    def _read_frames(self) -> None:
         received = self._received
-        received += data
         prefix = self._PREFIX.size
+        began = self.clock.seconds()
         while self._reading and len(received) >= prefix:
             (length,) = self._PREFIX.unpack_from(received)
             if length > self.MAX_LENGTH:
@@ -215,6 +229,23 @@ class FrameReceiver(Protocol):
                 frame = bytes(view[prefix:end])
             del received[:end]
             self.stringReceived(frame)
+            if (self._reading and self._frame_waiting()
+                    and self.clock.seconds() - began >= self.turn_budget):
+                self.transport.pauseProducing()
+                self._next_turn = self.clock.callLater(0, self._continue)
+                return
+
+    def _frame_waiting(self) -> bool:
+        received = self._received
+        prefix = self._PREFIX.size
+        return (len(received) >= prefix
+                and len(received) >= prefix + self._PREFIX.unpack_from(received)[0])
+
+    def _continue(self) -> None:
+        self._next_turn = None
+        self._read_frames()
+        if self._next_turn is None and self._reading:
+            self.transport.resumeProducing()
 
     def stop_reading(self) -> None:
         """
@@ -223,6 +254,10 @@ class FrameReceiver(Protocol):
         """
         self._reading = False
         self._received.clear()
+        if self._next_turn is not None:
+            if self._next_turn.active():
+                self._next_turn.cancel()
+            self._next_turn = None
 
     def stringReceived(self, frame: bytes) -> None:
         raise NotImplementedError
@@ -499,6 +534,7 @@ class PeerProtocol(FrameReceiver):
         self._violation(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[override]
+        self.stop_reading()
         text = reason.getErrorMessage() if reason is not None else "closed"
         self._lost_reason = text
         self._lost(text)

@@ -423,19 +423,22 @@ class BatchWindow:
         """
         self._cancel()
         while self._ops and not self._held:
-            chunk = []
-            for h in self._ops:
-                chunk.append(h)
-                if len(chunk) >= self._max_ops:
-                    break
-            adds, removes = [], []
-            for h in chunk:
-                op = self._ops.pop(h)
-                if op is None:
-                    removes.append(h)
-                else:
-                    adds.append((h, op[0], op[1]))
-            self._publish(adds, removes)
+            self._publish_batch()
+
+    def _publish_batch(self) -> None:
+        chunk = []
+        for h in self._ops:
+            chunk.append(h)
+            if len(chunk) >= self._max_ops:
+                break
+        adds, removes = [], []
+        for h in chunk:
+            op = self._ops.pop(h)
+            if op is None:
+                removes.append(h)
+            else:
+                adds.append((h, op[0], op[1]))
+        self._publish(adds, removes)
 
     def stop(self) -> None:
         self._cancel()
@@ -445,8 +448,13 @@ class BatchWindow:
             self._call = self._clock.callLater(self._window, self._fire)
 
     def _fire(self) -> None:
+        # One batch per turn of the reactor: the rest follow in the next
+        # turns, so that a window of many ops does not hold up the node.
         self._call = None
-        self.flush()
+        if self._ops and not self._held:
+            self._publish_batch()
+        if self._ops and not self._held:
+            self._call = self._clock.callLater(0, self._fire)
 
     def _cancel(self) -> None:
         if self._call is not None:

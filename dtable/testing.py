@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import Clock
 
 from dtable import crypto
 from dtable.interfaces import TableObserver
@@ -38,6 +39,21 @@ FAST = dict(
     probe_pings=5,
     better_primary_wait=2.0,
 )
+
+
+def next_turn(clock: Clock, seconds: float = 0.0) -> None:
+    """
+    Move C{clock} on by C{seconds} and run the calls that are then due, but
+    not the calls they schedule: one turn of a reactor, where
+    C{Clock.advance} would also run what is scheduled meanwhile for no later
+    than now.
+    """
+    clock.rightNow += seconds
+    now = clock.seconds()
+    for call in [c for c in clock.getDelayedCalls() if c.getTime() <= now]:
+        clock.calls.remove(call)
+        call.called = 1
+        call.func(*call.args, **call.kw)
 
 
 def wait_for(table: DistributedTable, predicate: Callable[[DistributedTable], bool],

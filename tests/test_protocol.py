@@ -26,6 +26,7 @@ from dtable.config import Config
 from dtable.interfaces import IPeerLink
 from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed, RequestRefused, Traffic
 from dtable.store import empty_head
+from dtable.testing import next_turn
 from dtable.wire import ProtocolViolation
 
 LOCAL_ID = "00000000000000000000000000000001"
@@ -541,6 +542,42 @@ class LiveLinkTests(ProtocolTestMixin, SynchronousTestCase):
         [(_, _, raw)] = self.hub.named("frame_received")
         self.assertEqual(raw, frame)
         self.assertEqual(self.sent_messages(), [wire.Pong(id=9)])
+
+    def test_frames_past_the_turn_budget_wait_a_turn(self) -> None:
+        """
+        Once handling frames has taken the turn's budget, reading pauses and
+        the frames already buffered are handled in later turns, in order;
+        reading resumes when none is left.
+        """
+        self.protocol.turn_budget = 0.0
+        frames = [wire.message(f"m{i}", PEER_ID, i) for i in range(3)]
+        self.feed(*frames)
+        received = lambda: [raw for _, _, raw in self.hub.named("frame_received")]
+        self.assertEqual(received(), frames[:1])
+        self.assertEqual(self.transport.producerState, "paused")
+        # Bytes that arrive meanwhile wait behind the buffered frames.
+        late = wire.message("late", PEER_ID, None)
+        self.feed(late)
+        self.assertEqual(received(), frames[:1])
+        next_turn(self.clock)
+        self.assertEqual(received(), frames[:2])
+        self.assertEqual(self.transport.producerState, "paused")
+        next_turn(self.clock)
+        next_turn(self.clock)
+        self.assertEqual(received(), [*frames, late])
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_no_turn_after_loss(self) -> None:
+        """
+        Frames still waiting for their turn when the connection is lost are
+        not handled, and nothing is left scheduled.
+        """
+        self.protocol.turn_budget = 0.0
+        self.feed(*[wire.message(f"m{i}", PEER_ID, i) for i in range(3)])
+        self.lose()
+        self.clock.advance(0)
+        self.assertEqual(len(self.hub.named("frame_received")), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_nothing_read_after_close(self) -> None:
         """

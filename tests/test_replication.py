@@ -32,6 +32,7 @@ from dtable.replication import (
 )
 from dtable.store import MemoryStore, empty_head
 from dtable.table import EMPTY_ROOT, Table, root_of
+from dtable.testing import next_turn
 from dtable.wire import Head
 
 
@@ -821,17 +822,34 @@ class BatchWindowTests(SynchronousTestCase):
         self.assertEqual(self.published, [([entry(A)], [])])
 
     def test_max_ops_splits(self) -> None:
+        """
+        A window with more than max_ops publishes them as several batches,
+        one per turn of the reactor.
+        """
         w = self.window(max_ops=2)
         objs = [{"i": i} for i in range(5)]
         for obj in objs:
             w.add(*entry(obj))
-        self.clock.advance(0.5)
+        next_turn(self.clock, 0.5)
+        self.assertEqual(self.published, [([entry(objs[0]), entry(objs[1])], [])])
+        next_turn(self.clock)
+        self.assertEqual(len(self.published), 2)
+        next_turn(self.clock)
         self.assertEqual(self.published, [
             ([entry(objs[0]), entry(objs[1])], []),
             ([entry(objs[2]), entry(objs[3])], []),
             ([entry(objs[4])], []),
         ])
         self.assertEqual(len(w), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_flush_publishes_every_batch_at_once(self) -> None:
+        w = self.window(max_ops=2)
+        for i in range(5):
+            w.add(*entry({"i": i}))
+        w.flush()
+        self.assertEqual([len(adds) for adds, _ in self.published], [2, 2, 1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_hold_and_release(self) -> None:
         w = self.window()
