@@ -11,6 +11,7 @@ L{dtable.replication}, L{dtable.broadcast} and L{dtable.peers}.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import signal
@@ -587,6 +588,8 @@ class DistributedTable(MultiService):
         for obj in self._replica.iter_objects():
             self._emit("object_added", obj)
         self._changed()
+        if self.config.gc_freeze:
+            gc.freeze()
         for d in self._take(self._started_waiters):
             d.callback(self)
 

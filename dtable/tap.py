@@ -189,6 +189,7 @@ class Options(usage.Options):
                 memory=bool(self["memory"]),
                 learn_peers=not self["static-peers"],
                 memory_report_signal=True,
+                gc_freeze=True,
                 master_public_key=self["master-public-key"],
                 api=self["api"],
                 api_token_file=self["api-token-file"],

@@ -95,7 +95,7 @@ class OptionsTests(KeyFileMixin, SynchronousTestCase):
         With only a key file, the node has the seed's defaults.
         """
         options = self.parse("--key-file", self.key_file)
-        self.assertEqual(options["config"], Config(memory_report_signal=True))
+        self.assertEqual(options["config"], Config(memory_report_signal=True, gc_freeze=True))
         with open(self.key_file) as f:
             self.assertEqual(options["key"], f.read())
 
