@@ -151,12 +151,12 @@ class Config:
 
     # Replication.
     batch_window: float = attrs.field(default=0.0, validator=_not_negative)
-    batch_max_ops: int = attrs.field(default=10_000, validator=_positive)
+    batch_max_ops: int = attrs.field(default=2_000, validator=_positive)
     master_sync_timeout: float = attrs.field(default=5.0, validator=_not_negative)
     catch_up_retry: float = attrs.field(default=1.0, validator=_positive)
     fetch_chunk: int = attrs.field(default=2_000, validator=_positive)
     log_max_batches: int = attrs.field(default=10_000, validator=_positive)
-    log_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    log_max_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
 
     # The firewall (the seed's node-ip-ac defaults).
     warn_after_new_connections: int = attrs.field(default=80, validator=_positive)
@@ -174,6 +174,7 @@ class Config:
     # Watching the node itself.
     stall_probe_interval: float = attrs.field(default=0.1, validator=_positive)
     memory_report_signal: bool = False
+    gc_freeze: bool = False
 
     # Frames and buffers.
     hello_max_frame: int = attrs.field(default=16 * 1024, validator=_positive)
