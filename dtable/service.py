@@ -18,7 +18,9 @@ import signal
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError, Deferred, DeferredList, fail, maybeDeferred, succeed,
+)
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
@@ -51,6 +53,7 @@ from dtable.wire import Head, ProtocolViolation
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IListeningPort
+    from twisted.python.failure import Failure
 
 log = Logger(namespace="dtable")
 
@@ -228,6 +231,8 @@ class DistributedTable(MultiService):
         self._startup: Deferred | None = None
         self._stopping = False
         self._is_started = False
+        #: Why the last start failed, for those who ask when_started after.
+        self._start_failure: Failure | None = None
         self._links_log = debug_channel("dtable.links", 1, config.debug)
         self._overlay_log = debug_channel("dtable.overlay", 2, config.debug)
 
@@ -503,6 +508,8 @@ class DistributedTable(MultiService):
         """
         if self._ports:
             return succeed(self.listening_port)
+        if self._start_failure is not None:
+            return fail(self._start_failure)
         d: Deferred = Deferred()
         self._listening_waiters.append(d)
         return d
@@ -514,6 +521,8 @@ class DistributedTable(MultiService):
         """
         if self._is_started:
             return succeed(self)
+        if self._start_failure is not None:
+            return fail(self._start_failure)
         d: Deferred = Deferred()
         self._started_waiters.append(d)
         return d
@@ -525,6 +534,7 @@ class DistributedTable(MultiService):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._start_failure = None
         if self.config.memory_report_signal and self._previous_usr2 is None:
             # Before anything is logged: whoever sees the node start may
             # signal it at once.
@@ -536,6 +546,7 @@ class DistributedTable(MultiService):
 
     def _start_failed(self, failure: Any) -> None:
         log.failure("node {node_id} failed to start", failure, node_id=self.node_id)
+        self._start_failure = failure
         waiters = self._listening_waiters + self._started_waiters
         self._listening_waiters, self._started_waiters = [], []
         for d in waiters:
@@ -775,6 +786,9 @@ class DistributedTable(MultiService):
             if self._master_ready:
                 self._window.flush()
             self._window.stop()
+        # A starting master stopped before it could publish what it held.
+        for d in self._take(self._flush_waiters):
+            d.errback(CancelledError("the node stopped before it could publish"))
         for call in (self._catch_up_call, self._master_sync_call):
             if call is not None and call.active():
                 call.cancel()

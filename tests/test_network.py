@@ -5,6 +5,8 @@ Nodes over real mutual TLS on loopback, in one reactor.
 from __future__ import annotations
 
 import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import CannotListenError
 import pytest_twisted
 
 from dtable import crypto
@@ -380,3 +382,46 @@ async def test_status_and_overlay_graph():
             net.nodes[2].status()["counters"]["catch_ups_merkle"] >= 1
     finally:
         await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_start_is_reported_to_those_who_ask_after():
+    """
+    A node that cannot listen fails when_listening and when_started, also
+    when they are asked for after startService.
+    """
+    reactor = _reactor()
+    holder = DistributedTable(port=0, key=crypto.generate_network_key(), master=True,
+                              reactor=reactor, interface="127.0.0.1", **FAST)
+    holder.startService()
+    port = await holder.when_listening()
+    node = DistributedTable(port=port, key=crypto.generate_network_key(), master=True,
+                            reactor=reactor, interface="127.0.0.1", **FAST)
+    try:
+        node.startService()
+        for waiting in (node.when_started(), node.when_listening()):
+            with pytest.raises(CannotListenError):
+                await waiting
+    finally:
+        await node.stopService()
+        await holder.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_of_a_master_stopped_before_it_published():
+    """
+    A master still learning the network's state holds what it is given;
+    stopped then, its flush() fails rather than waiting for ever.
+    """
+    reactor = _reactor()
+    master = DistributedTable(port=0, key=crypto.generate_network_key(), master=True,
+                              reactor=reactor, interface="127.0.0.1",
+                              peers=["127.0.0.1:1"], **{**FAST, "master_sync_timeout": 30})
+    master.startService()
+    await master.when_started()
+    master.add_object({"held": True})
+    flushed = master.flush()
+    assert not flushed.called
+    await master.stopService()
+    with pytest.raises(CancelledError, match="stopped before it could publish"):
+        await flushed
