@@ -302,6 +302,10 @@ class LocalNetworkExampleTests(ExampleProcessTestCase):
         self.assertEqual({row[5] for row in rows}, {"1"})
 
 
+#: The use cases, each a folder of examples/ run by tests/test_example_NAME.py.
+USE_CASES = {"cdn", "dns", "filesync", "loadtest"}
+
+
 class ExamplesAreRunTests(SynchronousTestCase):
     def test_every_example_is_run(self) -> None:
         """
@@ -310,6 +314,22 @@ class ExamplesAreRunTests(SynchronousTestCase):
         """
         scripts = {path.name for path in EXAMPLES.glob("*.py")}
         self.assertEqual(scripts, set(NODES) | {"local_network.py", "_common.py"})
+
+    def test_every_use_case_is_run(self) -> None:
+        """
+        Every folder of examples/ is a use case with a test module of its own
+        that runs each of its programs (the modules they import are not
+        programs).
+        """
+        folders = {path.name for path in EXAMPLES.iterdir()
+                   if path.is_dir() and not path.name.startswith(("_", "."))}
+        self.assertEqual(folders, USE_CASES)
+        tests = Path(__file__).resolve().parent
+        for name in USE_CASES:
+            module = (tests / f"test_example_{name}.py").read_text(encoding="utf-8")
+            for program in (EXAMPLES / name).glob("*.py"):
+                if '__name__ == "__main__"' in program.read_text(encoding="utf-8"):
+                    self.assertIn(program.name, module, f"{program} is not run by a test")
 
     def test_example_key(self) -> None:
         """
