@@ -481,6 +481,38 @@ class BackgroundSqliteStoreTests(StoreContract, SynchronousTestCase):
         self.assertEqual(again.head(), second)
         self.assertEqual(sorted(again.items()), sorted(entries(1, 3, 4)))
 
+    def test_queued_commits_written_as_one(self) -> None:
+        """
+        Commits that queue up while the writer is busy are written in one
+        transaction, with the effect of each in order: an object added then
+        removed is gone, one removed then added again is there.
+        """
+        gate = threading.Event()
+        written: list[tuple[int, list[str], list[str]]] = []
+
+        class Recorded(SqliteStore):
+            def commit(self, head, adds, removes) -> None:
+                gate.wait(30)
+                written.append((head.rev, sorted(h for h, _ in adds), sorted(removes)))
+                super().commit(head, adds, removes)
+
+        store = BackgroundSqliteStore(self.path, writer_factory=Recorded)
+        store.open()
+        self.addCleanup(store.close)
+        a, b, c = entry(1), entry(2), entry(3)
+        store.commit(head_of(1, [a[0], b[0]]), [a, b], [])
+        steps = [([c], [a[0]]), ([], [c[0]]), ([a], [b[0]]), ([b], [])]
+        for rev, (adds, removes) in enumerate(steps, start=2):
+            store.commit(head_of(rev, []), adds, removes)
+        gate.set()
+        self.assertEqual(store.count(), 2)
+        # The writer takes the first commit alone or with the others; those
+        # queued while it waits at the gate are written together.
+        self.assertIn(len(written), (1, 2))
+        self.assertEqual(written[-1][0], 5)
+        self.assertEqual(dict(store.items()), dict([a, b]))
+        self.assertEqual(store.head().rev, 5)
+
     def test_failed_write_is_reported_and_later_commits_refused(self) -> None:
         class FullDisk(SqliteStore):
             def commit(self, head, adds, removes) -> None:
