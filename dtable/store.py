@@ -51,8 +51,9 @@ __all__ = [
 DB_NAME = "table.sqlite3"
 """The name of a node's SQLite file inside its data directory."""
 
-SCHEMA_VERSION = 1
-"""The layout of the SQLite file this version writes, in C{PRAGMA user_version}."""
+SCHEMA_VERSION = 2
+"""The layout of the SQLite file this version writes, in C{PRAGMA user_version};
+a file of version 1 is rewritten to it when opened."""
 
 _IN_LIMIT = 500
 """The most hashes one C{IN (...)} query carries."""
@@ -177,13 +178,20 @@ class MemoryStore:
             raise StoreClosed("the store is not open")
 
 
-_SCHEMA = (
-    """
-    CREATE TABLE objects (
-        hash BLOB PRIMARY KEY CHECK (length(hash) = 32),
+# Objects are rows in the order they were written, found by a unique index
+# on the hash. (Version 1 kept them in a WITHOUT ROWID table keyed by hash:
+# with random keys, each commit of a bulk load rewrote most of the table's
+# pages, rows and all, where now mostly the index's small entries are.)
+_OBJECTS = """
+    CREATE TABLE {name} (
+        id INTEGER PRIMARY KEY,
+        hash BLOB NOT NULL UNIQUE CHECK (length(hash) = 32),
         data BLOB NOT NULL
-    ) WITHOUT ROWID
-    """,
+    )
+    """
+
+_SCHEMA = (
+    _OBJECTS.format(name="objects"),
     """
     CREATE TABLE head (
         id INTEGER PRIMARY KEY CHECK (id = 0),
@@ -305,12 +313,16 @@ class SqliteStore:
         # 40 MB of log rather than per 4 MB: bulk loads rewrite the same
         # pages commit after commit.
         db.execute("PRAGMA wal_autocheckpoint=10000")
-        if version == 0:
+        if version < SCHEMA_VERSION:
             db.execute("BEGIN IMMEDIATE")
             try:
-                # Another process may have created it since the first look.
-                if self._version(db) == 0:
+                # Another process may have created or upgraded it since the
+                # first look.
+                version = self._version(db)
+                if version == 0:
                     self._create(db)
+                elif version == 1:
+                    self._upgrade_from_1(db)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -337,6 +349,15 @@ class SqliteStore:
             db.execute(statement)
         head = empty_head()
         db.execute(_SET_HEAD, (head.rev, head.base, head.root, head.sig, head.master))
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _upgrade_from_1(self, db: sqlite3.Connection) -> None:
+        log.info("rewriting {path} from schema version 1 to {version}",
+                 path=self.path, version=SCHEMA_VERSION)
+        db.execute(_OBJECTS.format(name="objects_new"))
+        db.execute("INSERT INTO objects_new (hash, data) SELECT hash, data FROM objects")
+        db.execute("DROP TABLE objects")
+        db.execute("ALTER TABLE objects_new RENAME TO objects")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:

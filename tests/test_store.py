@@ -364,6 +364,36 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         self.assertEqual(store.head(), head)
         self.assertEqual(store.count(), 51)
 
+    def test_version_1_is_upgraded(self) -> None:
+        """
+        A file written by schema version 1 (objects in a WITHOUT ROWID table
+        keyed by hash) opens with its head and objects, rewritten to the
+        current layout.
+        """
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("CREATE TABLE objects (hash BLOB PRIMARY KEY CHECK (length(hash) = 32),"
+                   " data BLOB NOT NULL) WITHOUT ROWID")
+        db.execute("CREATE TABLE head (id INTEGER PRIMARY KEY CHECK (id = 0), rev INTEGER "
+                   "NOT NULL, base INTEGER NOT NULL, root TEXT NOT NULL, sig TEXT NOT NULL, "
+                   "master TEXT NOT NULL)")
+        stored = entries(1, 2, 3)
+        head = head_of(4, sorted(h for h, _ in stored))
+        db.executemany("INSERT INTO objects VALUES (?, ?)",
+                       [(bytes.fromhex(h), data) for h, data in stored])
+        db.execute("INSERT INTO head VALUES (0, ?, ?, ?, ?, ?)",
+                   (head.rev, head.base, head.root, head.sig, head.master))
+        db.execute("PRAGMA user_version = 1")
+        db.close()
+        store = self.opened()
+        self.assertEqual(self.state(store), (head, sorted(stored)))
+        self.commit(store, 5, entries(4), [entry(1)[0]])
+        self.assertEqual(sorted(store.items()), sorted(entries(2, 3, 4)))
+        db = self.sqlite()
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(objects)")]
+        self.assertEqual(columns, ["id", "hash", "data"])
+
     def test_newer_schema_refused(self) -> None:
         """
         A file from a newer version is refused, naming the file, and left
