@@ -221,6 +221,8 @@ class NodeCollector:
             ("dtable_uptime_seconds", "Seconds since the node started.", status["uptime"]),
             ("dtable_resident_memory_bytes", "Resident memory of the node's process.",
              status["rss_bytes"] or 0),
+            ("dtable_store_pending_commits", "Commits waiting to be written to disk.",
+             status["store_pending"]),
             ("dtable_pending_handshakes", "Inbound connections waiting for their hello.",
              status["firewall"]["pending_handshakes"]),
             ("dtable_firewall_addresses", "Addresses the firewall tracks.",

@@ -1011,6 +1011,9 @@ class DistributedTable(MultiService):
             "counters": dict(self.counters),
             "reactor": self._stall_probe.report(),
             "rss_bytes": rss_bytes(),
+            # Commits the store has yet to write (stores that write at once
+            # have none).
+            "store_pending": getattr(self._store, "pending", 0),
             "messages_remembered": len(self.messages),
         }
 

@@ -582,6 +582,14 @@ class BackgroundSqliteStore:
             thread.join()
         self._reader.close()
 
+    @property
+    def pending(self) -> int:
+        """
+        Commits queued for the writer, not yet on disk.
+        """
+        with self._lock:
+            return len(self._pending)
+
     # Reading ------------------------------------------------------------------
 
     def head(self) -> Head:

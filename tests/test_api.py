@@ -421,6 +421,8 @@ async def test_status(network):
                                        "refused"}
     assert status["uptime"] > 0
     assert {n["node_id"] for n in status["overlay"]["nodes"]} >= {replica.node_id}
+    # The network's nodes keep their tables in memory: nothing waits for a disk.
+    assert status["store_pending"] == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -438,6 +440,7 @@ async def test_metrics(network):
     assert samples[("dtable_revision", ())] == master.head.rev
     assert samples[("dtable_links", ())] == 1
     assert samples[("dtable_master", ())] == 0
+    assert samples[("dtable_store_pending_commits", ())] == 0
     assert samples[("dtable_bytes_received_total", ())] > 0
     assert samples[("dtable_frames_sent_total", ())] > 0
     applied = samples[("dtable_batches_applied_total", ())]

@@ -502,7 +502,10 @@ class BackgroundSqliteStoreTests(StoreContract, SynchronousTestCase):
         on_disk = sqlite3.connect(self.path)
         self.addCleanup(on_disk.close)
         self.assertEqual(on_disk.execute("SELECT rev FROM head").fetchone()[0], 0)
+        self.assertEqual(store.pending, 2)
         gate.set()
+        store.count()  # waits for the writer
+        self.assertEqual(store.pending, 0)
         store.close()
         self.assertEqual(on_disk.execute("SELECT rev FROM head").fetchone()[0], 2)
         again = SqliteStore(self.path)
