@@ -156,7 +156,7 @@ class Config:
     catch_up_retry: float = attrs.field(default=1.0, validator=_positive)
     fetch_chunk: int = attrs.field(default=2_000, validator=_positive)
     log_max_batches: int = attrs.field(default=10_000, validator=_positive)
-    log_max_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
+    log_max_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
 
     # The firewall (the seed's node-ip-ac defaults).
     warn_after_new_connections: int = attrs.field(default=80, validator=_positive)
