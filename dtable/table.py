@@ -35,17 +35,21 @@ whose count falls back to L{LEAF_MAX} collapses into a leaf.
 Adding or removing a hash walks one path from the root, updates counts and
 marks the digests on the path stale; L{Table.root} recomputes only stale
 digests. L{root_of} computes the same root from a list of hashes.
+
+Hashes are hex text everywhere outside this module; inside, the table keeps
+their 32 raw bytes (65 bytes of memory each, where the text takes 113, and
+a leaf's digest is taken over them as they are).
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
-from dtable.canonical import HASH_RE, is_hash
 
 __all__ = [
     "EMPTY_ROOT",
@@ -65,7 +69,8 @@ _NIBBLE = {digit: value for value, digit in enumerate(_HEX_DIGITS)}
 _MAX_PREFIX = 64
 _PREFIX_RE = re.compile(r"[0-9a-f]{0,64}")
 
-_match_hash = HASH_RE.fullmatch  # is_hash without a call, for the add path
+
+_unhexlify = binascii.unhexlify
 
 _EMPTY_DIGEST = hashlib.sha256(b"L").digest()
 
@@ -108,7 +113,7 @@ class _Node:
     """
     One node of the trie, changed in place between leaf and internal.
 
-    @ivar hashes: a leaf's hashes, sorted; C{None} for an internal node.
+    @ivar hashes: a leaf's hashes (raw), sorted; C{None} for an internal node.
     @ivar children: an internal node's 16 children in digit order; C{None}
         for a leaf.
     @ivar count: an internal node's number of hashes (a leaf's is
@@ -118,20 +123,57 @@ class _Node:
 
     __slots__ = ("hashes", "children", "count", "digest")
 
-    def __init__(self, hashes: list[str]) -> None:
-        self.hashes: list[str] | None = hashes
+    def __init__(self, hashes: list[bytes]) -> None:
+        self.hashes: list[bytes] | None = hashes
         self.children: list[_Node] | None = None
         self.count = 0
         self.digest: bytes | None = None
 
 
-def _leaf_digest(hashes: list[str]) -> bytes:
+def _leaf_digest(hashes: list[bytes]) -> bytes:
     """
-    The digest of a leaf holding C{hashes} (sorted hex).
+    The digest of a leaf holding C{hashes} (sorted, raw).
     """
     if not hashes:
         return _EMPTY_DIGEST
-    return hashlib.sha256(b"L" + bytes.fromhex("".join(hashes))).digest()
+    return hashlib.sha256(b"L" + b"".join(hashes)).digest()
+
+
+def _nibble(h: bytes, depth: int) -> int:
+    """
+    The hex digit of raw hash C{h} at C{depth}, as a number.
+    """
+    byte = h[depth >> 1]
+    return byte & 15 if depth & 1 else byte >> 4
+
+
+def _raw(h: object) -> bytes | None:
+    """
+    The raw form of C{h} if it is a hash as dtable writes it (64 lowercase
+    hex digits), else None.
+    """
+    if type(h) is not str or len(h) != 64:
+        return None
+    try:
+        raw = _unhexlify(h)
+    except ValueError:
+        return None
+    # unhexlify also takes upper case; a hash is written one way.
+    return raw if raw.hex() == h else None
+
+
+def _lowest(prefix: str) -> bytes:
+    """
+    The smallest raw hash that starts with the hex C{prefix}.
+    """
+    return bytes.fromhex(prefix.ljust(64, "0"))
+
+
+def _highest(prefix: str) -> bytes:
+    """
+    The largest raw hash that starts with the hex C{prefix}.
+    """
+    return bytes.fromhex(prefix.ljust(64, "f"))
 
 
 def _digest(node: _Node) -> bytes:
@@ -157,7 +199,7 @@ def _count(node: _Node) -> int:
     return node.count if hashes is None else len(hashes)
 
 
-def _collect(node: _Node, into: list[str]) -> None:
+def _collect(node: _Node, into: list[bytes]) -> None:
     """
     Append every hash under C{node} to C{into}, in sorted order.
     """
@@ -169,15 +211,15 @@ def _collect(node: _Node, into: list[str]) -> None:
         _collect(child, into)
 
 
-def _collect_after(node: _Node, depth: int, start: str, limit: int,
-                   into: list[str]) -> None:
+def _collect_after(node: _Node, depth: int, start: str, first_after: bytes, limit: int,
+                   into: list[bytes]) -> None:
     """
     Append to C{into}, in sorted order, the hashes under C{node} (at
     C{depth} hex digits, on the path of C{start}) that sort after C{start},
-    until C{into} holds C{limit}.
+    that is from C{first_after} on, until C{into} holds C{limit}.
     """
     if node.hashes is not None:
-        begin = bisect_right(node.hashes, start)
+        begin = bisect_left(node.hashes, first_after)
         into.extend(node.hashes[begin:begin + limit - len(into)])
         return
     assert node.children is not None
@@ -190,9 +232,9 @@ def _collect_after(node: _Node, depth: int, start: str, limit: int,
         if digit < first:
             continue
         if digit == first:
-            _collect_after(child, depth + 1, start, limit, into)
+            _collect_after(child, depth + 1, start, first_after, limit, into)
         else:
-            _collect_after(child, depth + 1, "", limit, into)
+            _collect_after(child, depth + 1, "", b"", limit, into)
 
 
 def _split(node: _Node, depth: int) -> None:
@@ -202,9 +244,9 @@ def _split(node: _Node, depth: int) -> None:
     """
     hashes = node.hashes
     assert hashes is not None
-    buckets: list[list[str]] = [[] for _ in _HEX_DIGITS]
+    buckets: list[list[bytes]] = [[] for _ in _HEX_DIGITS]
     for h in hashes:  # sorted, so each bucket comes out sorted
-        buckets[_NIBBLE[h[depth]]].append(h)
+        buckets[_nibble(h, depth)].append(h)
     children = [_Node(bucket) for bucket in buckets]
     node.hashes = None
     node.children = children
@@ -223,21 +265,21 @@ def _check_prefix(prefix: str) -> None:
         )
 
 
-def _subtree_digest(hashes: list[str], lo: int, hi: int, depth: int) -> bytes:
+def _subtree_digest(hashes: list[bytes], lo: int, hi: int, depth: int) -> bytes:
     """
-    The digest of the node for the hashes C{hashes[lo:hi]}, which are sorted,
-    distinct and share their first C{depth} hex digits.
+    The digest of the node for the raw hashes C{hashes[lo:hi]}, which are
+    sorted, distinct and share their first C{depth} hex digits.
     """
     if hi - lo <= LEAF_MAX:
         return _leaf_digest(hashes[lo:hi])
-    prefix = hashes[lo][:depth]
     parts = [b"N"]
     start = lo
-    for digit in _HEX_DIGITS[1:]:
-        end = bisect_left(hashes, prefix + digit, start, hi)
+    for digit in range(16):
+        end = start
+        while end < hi and _nibble(hashes[end], depth) == digit:
+            end += 1
         parts.append(_subtree_digest(hashes, start, end, depth + 1))
         start = end
-    parts.append(_subtree_digest(hashes, start, hi, depth + 1))
     return hashlib.sha256(b"".join(parts)).digest()
 
 
@@ -252,10 +294,13 @@ def root_of(hashes: Iterable[str]) -> str:
     @raise ValueError: if one of them is not 64 lowercase hex digits.
     """
     unique = sorted(set(hashes))
+    raw = []
     for h in unique:
-        if not is_hash(h):
+        r = _raw(h)
+        if r is None:
             raise ValueError(f"not a hash: {h!r}")
-    return _subtree_digest(unique, 0, len(unique), 0).hex()
+        raw.append(r)
+    return _subtree_digest(raw, 0, len(raw), 0).hex()
 
 
 class Table:
@@ -270,7 +315,7 @@ class Table:
     """
 
     def __init__(self) -> None:
-        self._members: set[str] = set()
+        self._members: set[bytes] = set()
         self._root = _Node([])
 
     # -- the set --------------------------------------------------------
@@ -279,18 +324,18 @@ class Table:
         return len(self._members)
 
     def __contains__(self, h: object) -> bool:
-        return h in self._members
+        return _raw(h) in self._members
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._members)
+        return (h.hex() for h in self._members)
 
     def hashes(self) -> list[str]:
         """
         Every hash in the table, sorted.
         """
-        into: list[str] = []
+        into: list[bytes] = []
         _collect(self._root, into)
-        return into
+        return [h.hex() for h in into]
 
     def page(self, after: str = "", limit: int = 1000) -> list[str]:
         """
@@ -302,11 +347,18 @@ class Table:
         @param limit: the most hashes to return.
 
         @return: up to C{limit} sorted hashes that sort after C{after}.
+        @raise ValueError: if C{after} is not at most 64 lowercase hex digits.
         """
-        into: list[str] = []
+        _check_prefix(after)
+        into: list[bytes] = []
         if limit > 0:
-            _collect_after(self._root, 0, after, limit, into)
-        return into
+            # A hash sorts after a shorter string when it starts with
+            # anything from that string on; after a whole hash, only after.
+            # (A 32-byte hash equal to the bound's first 32 bytes sorts
+            # before the 33-byte bound.)
+            first_after = _lowest(after) + (b"\x00" if len(after) == 64 else b"")
+            _collect_after(self._root, 0, after, first_after, limit, into)
+        return [h.hex() for h in into]
 
     def add(self, h: str) -> bool:
         """
@@ -316,12 +368,13 @@ class Table:
             C{h} (nothing changes).
         @raise ValueError: if C{h} is not 64 lowercase hex digits.
         """
-        if h in self._members:
-            return False
-        if type(h) is not str or _match_hash(h) is None:
+        raw = _raw(h)
+        if raw is None:
             raise ValueError(f"not a hash: {h!r}")
-        self._members.add(h)
-        self._insert(h)
+        if raw in self._members:
+            return False
+        self._members.add(raw)
+        self._insert(raw)
         return True
 
     def remove(self, h: str) -> bool:
@@ -331,10 +384,11 @@ class Table:
         @return: C{True} if it was removed, C{False} if the table did not
             hold C{h} (nothing changes).
         """
-        if h not in self._members:
+        raw = _raw(h)
+        if raw not in self._members:
             return False
-        self._members.discard(h)
-        self._discard(h)
+        self._members.discard(raw)
+        self._discard(raw)
         return True
 
     def apply(self, adds: Iterable[str], removes: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -350,17 +404,19 @@ class Table:
             and added again appears in both.
         @raise ValueError: if a hash to add is not 64 lowercase hex digits.
         """
-        to_add = list(adds)
-        for h in to_add:
-            if type(h) is not str or _match_hash(h) is None:
+        to_add = []
+        for h in adds:
+            raw = _raw(h)
+            if raw is None:
                 raise ValueError(f"not a hash: {h!r}")
+            to_add.append((h, raw))
         removed = [h for h in removes if self.remove(h)]
         members = self._members
         added = []
-        for h in to_add:
-            if h not in members:
-                members.add(h)
-                self._insert(h)
+        for h, raw in to_add:
+            if raw not in members:
+                members.add(raw)
+                self._insert(raw)
                 added.append(h)
         return added, removed
 
@@ -432,7 +488,7 @@ class Table:
         result: list[ChildSummary] = []
         start = 0
         for digit in _HEX_DIGITS:
-            end = bisect_left(hashes, prefix + digit + "g", start)
+            end = bisect_right(hashes, _highest(prefix + digit), start)
             group = hashes[start:end]
             result.append(
                 ChildSummary(prefix + digit, _leaf_digest(group).hex(), len(group))
@@ -450,10 +506,10 @@ class Table:
         _check_prefix(prefix)
         node, depth = self._find(prefix)
         if depth < len(prefix):
-            return self._leaf_range(node, prefix)
-        into: list[str] = []
+            return [h.hex() for h in self._leaf_range(node, prefix)]
+        into: list[bytes] = []
         _collect(node, into)
-        return into
+        return [h.hex() for h in into]
 
     # -- keeping the tree -----------------------------------------------
 
@@ -473,18 +529,17 @@ class Table:
         return node, depth
 
     @staticmethod
-    def _leaf_range(leaf: _Node, prefix: str) -> list[str]:
+    def _leaf_range(leaf: _Node, prefix: str) -> list[bytes]:
         """
         The hashes of C{leaf} that start with C{prefix}.
         """
         hashes = leaf.hashes
         assert hashes is not None
-        start = bisect_left(hashes, prefix)
-        # "g" sorts after every hex digit, so this ends the prefix's range.
-        end = bisect_left(hashes, prefix + "g", start)
+        start = bisect_left(hashes, _lowest(prefix))
+        end = bisect_right(hashes, _highest(prefix), start)
         return hashes[start:end]
 
-    def _insert(self, h: str) -> None:
+    def _insert(self, h: bytes) -> None:
         """
         Put the new hash C{h} into the tree.
         """
@@ -494,7 +549,8 @@ class Table:
         while children is not None:
             node.count += 1
             node.digest = None
-            node = children[_NIBBLE[h[depth]]]
+            byte = h[depth >> 1]
+            node = children[byte & 15 if depth & 1 else byte >> 4]
             children = node.children
             depth += 1
         hashes = node.hashes
@@ -504,7 +560,7 @@ class Table:
         if len(hashes) > LEAF_MAX:
             _split(node, depth)
 
-    def _discard(self, h: str) -> None:
+    def _discard(self, h: bytes) -> None:
         """
         Take the held hash C{h} out of the tree.
         """
@@ -517,13 +573,14 @@ class Table:
             if node.count <= LEAF_MAX:
                 # The highest node on the path to drop to LEAF_MAX: it and
                 # everything under it become one leaf.
-                hashes: list[str] = []
+                hashes: list[bytes] = []
                 _collect(node, hashes)
                 node.children = None
                 node.hashes = hashes
                 node.count = 0
                 break
-            node = children[_NIBBLE[h[depth]]]
+            byte = h[depth >> 1]
+            node = children[byte & 15 if depth & 1 else byte >> 4]
             children = node.children
             depth += 1
         hashes_ = node.hashes
