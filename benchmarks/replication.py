@@ -117,7 +117,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -130,6 +129,7 @@ from typing import Any, Callable
 from dtable import crypto
 from dtable.canonical import canonical_bytes
 from dtable.client import ApiClient, ApiClientError
+from dtable.testing import free_ports, twistd_command
 
 NAMES = ["master", "n1", "n2", "n3", "n4"]
 REPLICAS = NAMES[1:]
@@ -161,25 +161,8 @@ ACCESS_LOG = '"127.0.0.1" - - ['
 TARGETS_NOTE = "targets from the issue"
 
 
-def _twistd() -> list[str]:
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-def free_ports(count: int) -> list[int]:
-    """
-    C{count} different loopback ports, free at the time of the call.
-    """
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def payload(i: int, rng: random.Random) -> dict:
@@ -234,7 +217,7 @@ class Node:
         os.makedirs(self.directory)
         with open(os.path.join(self.directory, "twistd.out"), "wb") as output:
             self.process = subprocess.Popen(
-                [*_twistd(), "-n", "--pidfile=", "--logfile=node.log",
+                [*twistd_command(), "-n", "--pidfile=", "--logfile=node.log",
                  *(["--profile=node.prof", "--profiler=cprofile", "--savestats"]
                    if self.profile else []),
                  "dtable",

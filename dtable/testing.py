@@ -12,6 +12,9 @@ network of nodes on loopback in one reactor.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -39,6 +42,34 @@ FAST = dict(
     probe_pings=5,
     better_primary_wait=2.0,
 )
+
+
+def twistd_command() -> list[str]:
+    """
+    The command that runs the twistd of this interpreter's environment, for
+    tests and benchmarks that start nodes as child processes.
+    """
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def free_ports(count: int, interface: str = "127.0.0.1") -> list[int]:
+    """
+    C{count} different ports on C{interface}, free at the time of the call
+    (all are bound at once, so none is handed out twice). Another process may
+    take one before a node listens on it; the node then fails to start, and
+    its log says why.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((interface, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def next_turn(clock: Clock, seconds: float = 0.0) -> None:

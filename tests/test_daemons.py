@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import shutil
+import socket
 import tempfile
 import time
 from typing import Any, Callable
@@ -23,6 +23,7 @@ from typing import Any, Callable
 from twisted.trial.unittest import SynchronousTestCase
 
 from dtable.client import ApiClient, ApiClientError
+from dtable.testing import free_ports, twistd_command
 
 #: Seconds the whole test may take.
 TEST_TIMEOUT = 120.0
@@ -40,31 +41,8 @@ FAST_OPTIONS = ["--ping-interval", "0.5", "--clean-interval", "0.5",
                 "--reconnect-max-delay", "0.5"]
 
 
-def _twistd() -> list[str]:
-    """
-    The twistd of the running interpreter's environment.
-    """
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-def free_ports(count: int) -> list[int]:
-    """
-    C{count} different loopback ports, free at the time of the call (all are
-    bound at once, so none is handed out twice). Another process may take
-    one before a node listens on it; the node then fails to start, and its
-    log says why.
-    """
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class Deadline:
@@ -110,7 +88,7 @@ class Daemon:
         os.makedirs(self.directory)
         with open(os.path.join(self.directory, "twistd.out"), "wb") as output:
             self.process = subprocess.Popen(
-                [*_twistd(), "-n", "--pidfile=", "--logfile=node.log", "dtable",
+                [*twistd_command(), "-n", "--pidfile=", "--logfile=node.log", "dtable",
                  "--memory", "--interface", "127.0.0.1", "--port", str(self.port),
                  "--key-file", key_file, "--api", str(self.api_port),
                  "--api-token-file", token_file, *FAST_OPTIONS, *self.arguments],
@@ -312,3 +290,18 @@ class ThreeDaemonsTests(SynchronousTestCase):
         answer = status()
         self.assertTrue(answer["master"])
         self.assertEqual((answer["objects"], answer["head"]["rev"]), (2, removed["rev"]))
+
+
+class HelpersTests(SynchronousTestCase):
+    def test_free_ports_are_distinct_and_free(self) -> None:
+        ports = free_ports(5)
+        self.assertEqual(len(set(ports)), 5)
+        for port in ports:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port))
+
+    def test_twistd_command_runs_twistd(self) -> None:
+        done = subprocess.run([*twistd_command(), "--version"], capture_output=True,
+                              timeout=COMMAND_TIMEOUT)
+        self.assertEqual(done.returncode, 0)
+        self.assertIn(b"twistd", done.stdout + done.stderr)

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from dtable import crypto
 from dtable.health import StallProbe, memory_report
 from dtable.service import DistributedTable
-from dtable.testing import FAST
+from dtable.testing import FAST, twistd_command
 
 #: Seconds the twistd child may take to start, report and stop.
 CHILD_TIMEOUT = 60.0
@@ -137,14 +137,13 @@ class Child(ProcessProtocol):
 async def test_sigusr2_writes_a_report_and_the_node_goes_on(tmp_path):
     from twisted.internet import reactor
 
-    from tests.test_node_crash import _twistd
 
     key_file = tmp_path / "net.key"
     key_file.write_text(crypto.generate_network_key())
     data_dir = tmp_path / "node"
     child = Child()
     process = reactor.spawnProcess(
-        child, _twistd()[0], [*_twistd(), "-n", "--pidfile=", "--logfile=-", "dtable",
+        child, twistd_command()[0], [*twistd_command(), "-n", "--pidfile=", "--logfile=-", "dtable",
                               "--port", "0", "--interface", "127.0.0.1", "--master",
                               "--key-file", str(key_file), "--data-dir", str(data_dir)],
         env=os.environ.copy(), path=str(tmp_path))

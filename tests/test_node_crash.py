@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
@@ -18,7 +17,7 @@ from dtable import crypto
 from dtable.service import DistributedTable
 from dtable.store import DB_NAME, SqliteStore
 from dtable.table import root_of
-from dtable.testing import FAST, wait_for
+from dtable.testing import FAST, twistd_command, wait_for
 
 DISK = {k: v for k, v in FAST.items() if k != "memory"}
 
@@ -28,11 +27,6 @@ def _reactor():
     return reactor
 
 
-def _twistd() -> list[str]:
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 class Child(ProcessProtocol):
@@ -82,7 +76,7 @@ async def test_replica_killed_during_a_large_batch_recovers(tmp_path):
     port = await master.when_listening()
     child = Child()
     process = reactor.spawnProcess(
-        child, _twistd()[0], [*_twistd(), "-n", "--pidfile=", "--logfile=-", "dtable",
+        child, twistd_command()[0], [*twistd_command(), "-n", "--pidfile=", "--logfile=-", "dtable",
                               "--port", "0", "--interface", "127.0.0.1",
                               "--key-file", str(key_file), "--data-dir", str(data_dir),
                               "--peer", f"127.0.0.1:{port}", "--ping-interval", "0.5",

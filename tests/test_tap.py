@@ -10,7 +10,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 from twisted.application.service import IServiceMaker, MultiService
@@ -24,19 +23,12 @@ from dtable.__main__ import main as dtable_main
 from dtable.config import INTERVALS, Config
 from dtable.peers import PeerAddress
 from dtable.service import DistributedTable
+from dtable.testing import twistd_command
 
 #: Seconds a twistd child may take to fail.
 CHILD_TIMEOUT = 30
 
 
-def _twistd_command() -> list[str]:
-    """
-    The twistd of the running interpreter's environment.
-    """
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 class KeyFileMixin:
@@ -349,7 +341,7 @@ class TwistdTests(KeyFileMixin, SynchronousTestCase):
         cwd = tempfile.mkdtemp(prefix="dtable-twistd-")
         self.addCleanup(shutil.rmtree, cwd)
         result = subprocess.run(
-            [*_twistd_command(), "-n", "dtable", *args], cwd=cwd,
+            [*twistd_command(), "-n", "dtable", *args], cwd=cwd,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             timeout=CHILD_TIMEOUT)
         self.assertEqual(os.listdir(cwd), [])
