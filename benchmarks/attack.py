@@ -79,6 +79,8 @@ from dtable.config import Config
 from dtable.firewall import FirewallEvent
 from dtable.testing import FAST, wait_for
 
+import _common as common
+
 ATTACKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attacker.py")
 SETTINGS = {k: v for k, v in FAST.items() if k != "memory"}
 DEFAULTS = Config()
@@ -567,28 +569,15 @@ def _cpu(before: Any, after: Any) -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def _mib(value: float | None) -> float | None:
-    return None if value is None else value / 2**20
 
 
-def _ms(value: float | None) -> float | None:
-    return None if value is None else 1000 * value
 
 
-def _get(*keys: str, scale: Callable[[Any], Any] = lambda v: v) -> Callable[[dict], Any]:
-    def get(result: dict) -> Any:
-        value: Any = result
-        for key in keys:
-            if not isinstance(value, dict):
-                return None
-            value = value.get(key)
-        return None if value is None else scale(value)
-    return get
 
 
 def _since_first(key: str) -> Callable[[dict], Any]:
     def get(result: dict) -> Any:
-        at = _get(*key.split("."))(result)
+        at = common.get(*key.split("."))(result)
         first = result.get("first_connection_s")
         return None if at is None or first is None else at - first
     return get
@@ -597,51 +586,41 @@ def _since_first(key: str) -> Callable[[dict], Any]:
 ROWS: list[tuple[str, Callable[[dict], Any], str]] = [
     ("attacker seen -> first failure (s)", _since_first("first_failure_s"), "{:.2f}"),
     ("attacker seen -> blocked (s)", _since_first("block.at"), "{:.2f}"),
-    ("failures when blocked", _get("block", "failures"), "{:,.0f}"),
-    ("garbage handled/s before the block", _get("handled_per_s"), "{:,.0f}"),
-    ("  counting from the first failure", _get("handled_per_s_from_first_failure"),
+    ("failures when blocked", common.get("block", "failures"), "{:,.0f}"),
+    ("garbage handled/s before the block", common.get("handled_per_s"), "{:,.0f}"),
+    ("  counting from the first failure", common.get("handled_per_s_from_first_failure"),
      "{:,.0f}"),
-    ("refused after the block, in a stream", _get("refused_in_stream"), "{:,.0f}"),
-    ("  for (s)", _get("refusing_s"), "{:.2f}"),
-    ("  refused/s", _get("refused_per_s"), "{:,.0f}"),
-    ("  refused later (SYN retries)", _get("refused_later"), "{:,.0f}"),
-    ("refused: handshakes busy", _get("refused_busy"), "{:,.0f}"),
-    ("peak pending handshakes", _get("peak_pending_handshakes"), "{:,.0f}"),
-    ("attacker run (s)", _get("attack_s"), "{:.2f}"),
-    ("  node CPU in it (s)", _get("node_cpu_s"), "{:.2f}"),
-    ("  attacker CPU (s)", _get("attacker_cpu_s"), "{:.2f}"),
-    ("RSS before (MiB)", _get("rss_before", scale=_mib), "{:.1f}"),
-    ("RSS peak (MiB)", _get("rss_peak", scale=_mib), "{:.1f}"),
-    ("RSS after (MiB)", _get("rss_after", scale=_mib), "{:.1f}"),
+    ("refused after the block, in a stream", common.get("refused_in_stream"), "{:,.0f}"),
+    ("  for (s)", common.get("refusing_s"), "{:.2f}"),
+    ("  refused/s", common.get("refused_per_s"), "{:,.0f}"),
+    ("  refused later (SYN retries)", common.get("refused_later"), "{:,.0f}"),
+    ("refused: handshakes busy", common.get("refused_busy"), "{:,.0f}"),
+    ("peak pending handshakes", common.get("peak_pending_handshakes"), "{:,.0f}"),
+    ("attacker run (s)", common.get("attack_s"), "{:.2f}"),
+    ("  node CPU in it (s)", common.get("node_cpu_s"), "{:.2f}"),
+    ("  attacker CPU (s)", common.get("attacker_cpu_s"), "{:.2f}"),
+    ("RSS before (MiB)", common.get("rss_before", scale=common.mib), "{:.1f}"),
+    ("RSS peak (MiB)", common.get("rss_peak", scale=common.mib), "{:.1f}"),
+    ("RSS after (MiB)", common.get("rss_after", scale=common.mib), "{:.1f}"),
     ("RSS growth, after - before (MiB)",
      lambda r: None if r.get("rss_after") is None
-     else _mib(r["rss_after"] - r["rss_before"]), "{:+.1f}"),
-    ("worst reactor stall, quiet (ms)", _get("quiet_stall_s", scale=_ms), "{:.1f}"),
-    ("worst reactor stall, attack (ms)", _get("stall_s", scale=_ms), "{:.1f}"),
-    ("adds during the attack", _get("during", "added"), "{:,.0f}"),
-    ("  reached the replica during it", _get("during", "arrived"), "{:,.0f}"),
-    ("  worst add->replica delay (ms)", _get("during", "worst_delay_s", scale=_ms),
+     else common.mib(r["rss_after"] - r["rss_before"]), "{:+.1f}"),
+    ("worst reactor stall, quiet (ms)", common.get("quiet_stall_s", scale=common.ms), "{:.1f}"),
+    ("worst reactor stall, attack (ms)", common.get("stall_s", scale=common.ms), "{:.1f}"),
+    ("adds during the attack", common.get("during", "added"), "{:,.0f}"),
+    ("  reached the replica during it", common.get("during", "arrived"), "{:,.0f}"),
+    ("  worst add->replica delay (ms)", common.get("during", "worst_delay_s", scale=common.ms),
      "{:.1f}"),
     ("  same, counting late ones (ms)",
-     _get("during", "worst_delay_eventually_s", scale=_ms), "{:.1f}"),
-    ("  worst delay, quiet second (ms)", _get("quiet", "worst_delay_s", scale=_ms),
+     common.get("during", "worst_delay_eventually_s", scale=common.ms), "{:.1f}"),
+    ("  worst delay, quiet second (ms)", common.get("quiet", "worst_delay_s", scale=common.ms),
      "{:.1f}"),
-    ("warnings logged", _get("log", "warnings"), "{:,.0f}"),
-    ("errors logged", _get("log", "errors"), "{:,.0f}"),
-    ("log written (KiB)", _get("log", "bytes", scale=lambda v: v / 1024), "{:,.0f}"),
+    ("warnings logged", common.get("log", "warnings"), "{:,.0f}"),
+    ("errors logged", common.get("log", "errors"), "{:,.0f}"),
+    ("log written (KiB)", common.get("log", "bytes", scale=lambda v: v / 1024), "{:,.0f}"),
 ]
 
 
-def _cell(values: list[Any], fmt: str) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
-        return "-"
-    median = fmt.format(statistics.median(present))
-    if len(values) == 1:
-        return median
-    spread = f"{fmt.format(min(present))}..{fmt.format(max(present))}"
-    missing = f", {len(values) - len(present)} n/a" if len(present) < len(values) else ""
-    return f"{median} ({spread}{missing})"
 
 
 def summarize(runs: list[dict[str, dict]]) -> dict[str, dict[str, dict]]:
@@ -670,7 +649,7 @@ def report(runs: list[dict[str, dict]], args: argparse.Namespace) -> None:
           f"an add every {ADD_INTERVAL * 1000:g} ms")
     print(f"{'median (min..max)' if len(runs) > 1 else 'one run'} over {len(runs)} "
           f"run{'s' if len(runs) > 1 else ''}; node-side counters\n")
-    cells = [[_cell([get(run[p]) for run in runs], fmt) for p in phases]
+    cells = [[common.cell([get(run[p]) for run in runs], fmt) for p in phases]
              for _, get, fmt in ROWS]
     width = max(len(label) for label, _, _ in ROWS) + 2
     columns = [max(len(titles[p]), *(len(row[i]) for row in cells)) + 2
@@ -712,7 +691,7 @@ def report(runs: list[dict[str, dict]], args: argparse.Namespace) -> None:
             print(f"{p}: blocked for {' / '.join(reasons)}")
     if len(runs) > 1:
         growth = "; ".join(
-            f"{p} " + ", ".join(f"{_mib(run[p]['rss_after'] - run[p]['rss_before']):+.1f}"
+            f"{p} " + ", ".join(f"{common.mib(run[p]['rss_after'] - run[p]['rss_before']):+.1f}"
                                 if run[p].get("rss_after") is not None else "-"
                                 for run in runs)
             for p in phases)

@@ -131,6 +131,8 @@ from dtable.canonical import canonical_bytes
 from dtable.client import ApiClient, ApiClientError
 from dtable.testing import free_ports, twistd_command
 
+import _common as common
+
 NAMES = ["master", "n1", "n2", "n3", "n4"]
 REPLICAS = NAMES[1:]
 #: Who dials whom: node -> the node it --peers.
@@ -780,15 +782,15 @@ class Bench:
                     if kind == "latency" and seq in sent]
             latencies += mine
             per_node[reader.node.name] = {
-                "delivered": len(mine), "p50_ms": _ms(percentile(mine, 50)),
-                "p99_ms": _ms(percentile(mine, 99)), "max_ms": _ms(max(mine, default=None))}
+                "delivered": len(mine), "p50_ms": common.ms(percentile(mine, 50)),
+                "p99_ms": common.ms(percentile(mine, 99)), "max_ms": common.ms(max(mine, default=None))}
         row.update({"sent": len(sent), "delivered": len(latencies),
                     "fraction": len(latencies) / row["expected"],
-                    "p50_ms": _ms(percentile(latencies, 50)),
-                    "p99_ms": _ms(percentile(latencies, 99)),
-                    "max_ms": _ms(max(latencies, default=None)),
-                    "api_p50_ms": _ms(percentile(calls, 50)),
-                    "api_p99_ms": _ms(percentile(calls, 99)), "nodes": per_node})
+                    "p50_ms": common.ms(percentile(latencies, 50)),
+                    "p99_ms": common.ms(percentile(latencies, 99)),
+                    "max_ms": common.ms(max(latencies, default=None)),
+                    "api_p50_ms": common.ms(percentile(calls, 50)),
+                    "api_p99_ms": common.ms(percentile(calls, 99)), "nodes": per_node})
         missing = [name for name, stats in per_node.items()
                    if stats["delivered"] < args.messages]
         if missing and "failed" not in row:
@@ -851,8 +853,8 @@ class Bench:
             per_node[reader.node.name] = {"delivered": len(mine)}
         delivered = len(latencies)
         row.update({"delivered": delivered, "fraction": delivered / row["expected"],
-                    "p50_ms": _ms(percentile(latencies, 50)),
-                    "p99_ms": _ms(percentile(latencies, 99)), "nodes": per_node})
+                    "p50_ms": common.ms(percentile(latencies, 50)),
+                    "p99_ms": common.ms(percentile(latencies, 99)), "nodes": per_node})
         if last:
             span = max(last) - started_wall
             row["all_s"] = span
@@ -949,18 +951,18 @@ class Bench:
                 for n in args.sizes:
                     t["objects"][str(n)] = section = self.objects(topology, n)
                     _progress(number, topology, f"{n:,} objects", section,
-                              lambda s: _get("row1", "all_s")(s), "to all replicas")
+                              lambda s: common.get("row1", "all_s")(s), "to all replicas")
             if "messages" in args.rows:
                 t["messages"] = section = self.messages(topology)
                 _progress(number, topology, "messages", section,
-                          _get("latency", "p50_ms"), "ms p50", scale=1)
+                          common.get("latency", "p50_ms"), "ms p50", scale=1)
             if "large" in args.rows:
                 t["large_message"] = section = self.large_message(topology)
                 _progress(number, topology, "large message", section,
-                          _get("row", "all_s"), "to all four")
+                          common.get("row", "all_s"), "to all four")
                 t["large_object"] = section = self.large_object(topology)
                 _progress(number, topology, "large object", section,
-                          _get("row", "all_s"), "to all four")
+                          common.get("row", "all_s"), "to all four")
         return run
 
 
@@ -1005,23 +1007,10 @@ def _progress(number: int, topology: str, what: str, section: dict,
           f"forming {section.get('formed_s', 0):.1f} s){failed}", flush=True)
 
 
-def _ms(value: float | None) -> float | None:
-    return None if value is None else 1000 * value
 
 
-def _mib(value: float | None) -> float | None:
-    return None if value is None else value / 2**20
 
 
-def _get(*keys: str, scale: Callable[[Any], Any] = lambda v: v) -> Callable[[dict], Any]:
-    def get(result: dict) -> Any:
-        value: Any = result
-        for key in keys:
-            if not isinstance(value, dict):
-                return None
-            value = value.get(key)
-        return None if value is None else scale(value)
-    return get
 
 
 # The table ---------------------------------------------------------------------------
@@ -1039,7 +1028,7 @@ def rows(args: argparse.Namespace) -> list[Row]:
     if "objects" in args.rows:
         for n in args.sizes:
             def at(*keys: str, n: int = n, **kw: Any) -> Callable[[dict], Any]:
-                return _get("objects", str(n), *keys, **kw)
+                return common.get("objects", str(n), *keys, **kw)
             table += [
                 (f"1. add {n:,}: API calls (s)", at("row1", "api_s"), "{:.2f}"),
                 ("   API objects/s", lambda t, at=at, n=n: _rate(n, at("row1", "api_s")(t)),
@@ -1061,12 +1050,12 @@ def rows(args: argparse.Namespace) -> list[Row]:
                  "{:.2f}"),
                 ("5. worst stall in row 1 (ms)", _stall("objects", str(n), "stall"), "{:.1f}"),
                 ("6. RSS at 0 objects, master (MiB)",
-                 at("memory", "rss0_master", scale=_mib), "{:.1f}"),
+                 at("memory", "rss0_master", scale=common.mib), "{:.1f}"),
                 ("   RSS at 0, replicas max (MiB)",
-                 at("memory", "rss0_replicas_max", scale=_mib), "{:.1f}"),
-                ("   RSS at N, master (MiB)", at("memory", "rss_master", scale=_mib), "{:.1f}"),
+                 at("memory", "rss0_replicas_max", scale=common.mib), "{:.1f}"),
+                ("   RSS at N, master (MiB)", at("memory", "rss_master", scale=common.mib), "{:.1f}"),
                 ("   RSS at N, replicas max (MiB)",
-                 at("memory", "rss_replicas_max", scale=_mib), "{:.1f}"),
+                 at("memory", "rss_replicas_max", scale=common.mib), "{:.1f}"),
                 ("   RSS/object over 0, master (B)", at("memory", "master_per_object"),
                  "{:,.0f}"),
                 ("   RSS/object, replicas max (B)", at("memory", "replicas_max_per_object"),
@@ -1075,44 +1064,44 @@ def rows(args: argparse.Namespace) -> list[Row]:
             ]
     if "messages" in args.rows:
         table += [
-            (f"3. {args.messages:,} messages: p50 (ms)", _get("messages", "latency", "p50_ms"),
+            (f"3. {args.messages:,} messages: p50 (ms)", common.get("messages", "latency", "p50_ms"),
              "{:.2f}"),
-            ("   p99 (ms)", _get("messages", "latency", "p99_ms"), "{:.2f}"),
-            ("   max (ms)", _get("messages", "latency", "max_ms"), "{:.2f}"),
-            ("   delivered (fraction)", _get("messages", "latency", "fraction"), "{:.4f}"),
-            ("   the POST itself, p50 (ms)", _get("messages", "latency", "api_p50_ms"),
+            ("   p99 (ms)", common.get("messages", "latency", "p99_ms"), "{:.2f}"),
+            ("   max (ms)", common.get("messages", "latency", "max_ms"), "{:.2f}"),
+            ("   delivered (fraction)", common.get("messages", "latency", "fraction"), "{:.4f}"),
+            ("   the POST itself, p50 (ms)", common.get("messages", "latency", "api_p50_ms"),
              "{:.2f}"),
-            ("   the POST itself, p99 (ms)", _get("messages", "latency", "api_p99_ms"),
+            ("   the POST itself, p99 (ms)", common.get("messages", "latency", "api_p99_ms"),
              "{:.2f}"),
-            (f"   flood {args.flood:,}: sent/s (API)", _get("messages", "flood", "sent_per_s"),
+            (f"   flood {args.flood:,}: sent/s (API)", common.get("messages", "flood", "sent_per_s"),
              "{:,.0f}"),
-            ("   flood delivered to all/s", _get("messages", "flood", "delivered_per_s"),
+            ("   flood delivered to all/s", common.get("messages", "flood", "delivered_per_s"),
              "{:,.0f}"),
-            ("   flood delivered (fraction)", _get("messages", "flood", "fraction"), "{:.4f}"),
-            ("   flood p50 latency (ms)", _get("messages", "flood", "p50_ms"), "{:.1f}"),
-            ("   flood p99 latency (ms)", _get("messages", "flood", "p99_ms"), "{:.1f}"),
+            ("   flood delivered (fraction)", common.get("messages", "flood", "fraction"), "{:.4f}"),
+            ("   flood p50 latency (ms)", common.get("messages", "flood", "p50_ms"), "{:.1f}"),
+            ("   flood p99 latency (ms)", common.get("messages", "flood", "p99_ms"), "{:.1f}"),
             ("   flood: n1 CPU / wall (cores)",
-             lambda t: _rate(_node_cpu(_get("messages", "flood", "cpu"), ["n1"])(t) or 0,
-                             _get("messages", "flood", "cpu", "wall_s")(t)), "{:.2f}"),
+             lambda t: _rate(_node_cpu(common.get("messages", "flood", "cpu"), ["n1"])(t) or 0,
+                             common.get("messages", "flood", "cpu", "wall_s")(t)), "{:.2f}"),
             ("   flood: driver CPU / wall (cores)",
-             lambda t: _rate(_get("messages", "flood", "cpu", "driver_s")(t) or 0,
-                             _get("messages", "flood", "cpu", "wall_s")(t)), "{:.2f}"),
+             lambda t: _rate(common.get("messages", "flood", "cpu", "driver_s")(t) or 0,
+                             common.get("messages", "flood", "cpu", "wall_s")(t)), "{:.2f}"),
             (f"   flood: cores busy (of {os.cpu_count()})",
-             _get("messages", "flood", "cpu", "cores_busy"), "{:.2f}"),
+             common.get("messages", "flood", "cpu", "cores_busy"), "{:.2f}"),
             ("   worst stall in row 3 (ms)", _stall("messages", "stall"), "{:.1f}"),
         ]
     if "large" in args.rows:
         message, obj = _size(args.large_message), _size(args.large_object)
         table += [
-            (f"4. {message} message: API call (s)", _get("large_message", "row", "api_s"),
+            (f"4. {message} message: API call (s)", common.get("large_message", "row", "api_s"),
              "{:.3f}"),
-            ("   to all four (s)", _get("large_message", "row", "all_s"), "{:.3f}"),
+            ("   to all four (s)", common.get("large_message", "row", "all_s"), "{:.3f}"),
             ("   worst stall (ms)", _stall("large_message", "stall"), "{:.1f}"),
-            (f"   {obj} object: API call (s)", _get("large_object", "row", "api_s"), "{:.3f}"),
-            ("   to all four (s)", _get("large_object", "row", "all_s"), "{:.3f}"),
+            (f"   {obj} object: API call (s)", common.get("large_object", "row", "api_s"), "{:.3f}"),
+            ("   to all four (s)", common.get("large_object", "row", "all_s"), "{:.3f}"),
             ("   worst stall (ms)", _stall("large_object", "stall"), "{:.1f}"),
-            ("   CPU, all nodes (s)", _get("large_object", "row", "cpu", "nodes_s"), "{:.1f}"),
-            ("   of it in the kernel (s)", _get("large_object", "row", "cpu", "system_s"),
+            ("   CPU, all nodes (s)", common.get("large_object", "row", "cpu", "nodes_s"), "{:.1f}"),
+            ("   of it in the kernel (s)", common.get("large_object", "row", "cpu", "system_s"),
              "{:.1f}"),
         ]
     return table
@@ -1123,8 +1112,8 @@ def _stall(*keys: str) -> Callable[[dict], Any]:
     The worst stall of a section; its C{bound} tells whether that is an
     upper bound.
     """
-    get: Any = _get(*keys, "worst_ms")
-    get.bound = _get(*keys, "bound")
+    get: Any = common.get(*keys, "worst_ms")
+    get.bound = common.get(*keys, "bound")
     return get
 
 
@@ -1152,17 +1141,6 @@ def _size(n: int) -> str:
     return f"{n:,} B"
 
 
-def _cell(values: list[Any], fmt: str, bound: bool = False) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
-        return "-"
-    mark = "<=" if bound else ""
-    median = mark + fmt.format(statistics.median(present))
-    if len(values) == 1:
-        return median
-    spread = f"{fmt.format(min(present))}..{fmt.format(max(present))}"
-    missing = f", {len(values) - len(present)} n/a" if len(present) < len(values) else ""
-    return f"{median} ({spread}{missing})"
 
 
 def _median(runs: list[dict], topology: str, get: Callable[[dict], Any]) -> float | None:
@@ -1199,41 +1177,41 @@ def targets(runs: list[dict], args: argparse.Namespace) -> list[tuple[str, str, 
         found.append((name, unit, results))
 
     def worst_stall(t: dict, *sections: tuple[str, ...]) -> float | None:
-        values = [_get(*keys, "worst_ms")(t) for keys in sections]
+        values = [common.get(*keys, "worst_ms")(t) for keys in sections]
         return None if any(v is None for v in values) else max(values)
 
     if "objects" in args.rows:
         for n, limit in ((100_000, 5.0), (1_000_000, 60.0)):
             if n in args.sizes:
                 add(f"row 1: {n:,} objects on all four replicas <= {limit:g} s", "s",
-                    _get("objects", str(n), "row1", "all_s"), lambda v, limit=limit: v <= limit)
+                    common.get("objects", str(n), "row1", "all_s"), lambda v, limit=limit: v <= limit)
         add("row 5: worst stall during row 1 <= 100 ms (every size)", "ms",
             lambda t: worst_stall(t, *[("objects", str(n), "stall") for n in args.sizes]),
             lambda v: v <= 100)
         largest = max(args.sizes)
         raw = _median(runs, args.topologies[0],
-                      _get("objects", str(largest), "memory", "raw_per_object"))
+                      common.get("objects", str(largest), "memory", "raw_per_object"))
         if raw is not None:
             limit = 2 * raw + 100
             add(f"row 6: RSS/object at {largest:,} <= 2 x raw + 100 = {limit:.0f} B "
                 "(worst node)", "B", lambda t: _memory_worst(t, largest),
                 lambda v: v <= limit)
     if "messages" in args.rows:
-        add("row 3: message p50 <= 1 ms", "ms", _get("messages", "latency", "p50_ms"),
+        add("row 3: message p50 <= 1 ms", "ms", common.get("messages", "latency", "p50_ms"),
             lambda v: v <= 1)
-        add("row 3: message p99 <= 10 ms", "ms", _get("messages", "latency", "p99_ms"),
+        add("row 3: message p99 <= 10 ms", "ms", common.get("messages", "latency", "p99_ms"),
             lambda v: v <= 10)
         add("row 3: every message delivered (latency and flood)", "delivered",
-            lambda t: _min(_get("messages", "latency", "fraction")(t),
-                           _get("messages", "flood", "fraction")(t)),
+            lambda t: _min(common.get("messages", "latency", "fraction")(t),
+                           common.get("messages", "flood", "fraction")(t)),
             lambda v: v >= 1)
         add("row 3: flood >= 20,000 msg/s delivered to all", "msg/s",
-            _get("messages", "flood", "delivered_per_s"), lambda v: v >= 20_000)
+            common.get("messages", "flood", "delivered_per_s"), lambda v: v >= 20_000)
     if "large" in args.rows:
         add(f"row 4: {_size(args.large_message)} message to all four <= 1 s", "s",
-            _get("large_message", "row", "all_s"), lambda v: v <= 1)
+            common.get("large_message", "row", "all_s"), lambda v: v <= 1)
         add(f"row 4: {_size(args.large_object)} object to all four <= 5 s", "s",
-            _get("large_object", "row", "all_s"), lambda v: v <= 5)
+            common.get("large_object", "row", "all_s"), lambda v: v <= 5)
         add("row 4: no stall > 100 ms during either", "ms",
             lambda t: worst_stall(t, ("large_message", "stall"), ("large_object", "stall")),
             lambda v: v <= 100)
@@ -1248,7 +1226,7 @@ def _memory_worst(t: dict, n: int) -> float | None:
     """
     The worst node's RSS per object over its baseline.
     """
-    memory = _get("objects", str(n), "memory")(t)
+    memory = common.get("objects", str(n), "memory")(t)
     if not memory or memory.get("master_per_object") is None:
         return None
     return max(memory["master_per_object"], memory["replicas_max_per_object"] or 0)
@@ -1268,7 +1246,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> None:
         for topology in args.topologies:
             values = [get(run.get(topology, {})) for run in runs]
             bound = getattr(get, "bound", None)
-            row.append(_cell(values, fmt, bound is not None and any(
+            row.append(common.cell(values, fmt, bound is not None and any(
                 bound(run.get(topology, {})) for run in runs)))
         cells.append(row)
     width = max(len(label) for label, _, _ in table) + 2
@@ -1292,7 +1270,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> None:
         slowest = {}
         for run in runs:
             for n in args.sizes if "objects" in args.rows else []:
-                name = _get("objects", str(n), "row1", "slowest")(run.get(topology, {}))
+                name = common.get("objects", str(n), "row1", "slowest")(run.get(topology, {}))
                 if name:
                     slowest.setdefault(n, []).append(name)
         stalls: dict[str, list[str]] = {}
