@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -463,13 +464,39 @@ class ApiResource(Resource):
     def render(self, request: server.Request) -> bytes | int:
         try:
             return self._route(request)
-        except ApiError as e:
-            return self._error(request, e)
         except Exception:
-            log.failure("API request {method} {path} failed",
-                        method=request.method.decode("ascii", "replace"),
-                        path=request.path.decode("ascii", "replace"))
-            return self._error(request, ApiError(500, "internal error; see the node's log"))
+            return self._failed(request, Failure())
+
+    def _failed(self, request: server.Request, failure: Failure) -> bytes:
+        """
+        The answer to a request whose handler failed: an L{ApiError} as
+        itself, anything else as a logged internal error.
+        """
+        if failure.check(ApiError):
+            return self._error(request, failure.value)
+        log.failure("API request {method} {path} failed", failure,
+                    method=request.method.decode("ascii", "replace"),
+                    path=request.path.decode("ascii", "replace"))
+        return self._error(request, ApiError(500, "internal error; see the node's log"))
+
+    def _answer_later(self, request: server.Request, answer: Deferred) -> int:
+        """
+        Answer C{request} when C{answer} fires: with the bytes it gives, or
+        not at all if it gives NOT_DONE_YET (a handler that goes on waiting
+        finishes the request itself), or with the error it fails with.
+        """
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+
+        def write(body: bytes | int) -> None:
+            if not gone and body is not server.NOT_DONE_YET:
+                assert isinstance(body, bytes)
+                request.write(body)
+                request.finish()
+
+        answer.addErrback(lambda failure: self._failed(request, failure))
+        answer.addCallback(write)
+        return server.NOT_DONE_YET
 
     # Routing ---------------------------------------------------------------------
 
@@ -570,14 +597,20 @@ class ApiResource(Resource):
         self._require_master("add objects")
         body = _json_body(request)
         objects = body if isinstance(body, list) else [body]
-        try:
-            hashes = self.node.add_objects(objects)
-        except InvalidObjectError as e:
-            raise ApiError(400, f"not a table object: {e}")
-        result: dict[str, Any] = ({"hashes": hashes} if isinstance(body, list)
-                                  else {"hash": hashes[0]})
-        request.setResponseCode(http.CREATED if hashes else http.OK)
-        return self._maybe_wait(request, result)
+
+        def added(hashes: list[str]) -> bytes | int:
+            result: dict[str, Any] = ({"hashes": hashes} if isinstance(body, list)
+                                      else {"hash": hashes[0]})
+            request.setResponseCode(http.CREATED if hashes else http.OK)
+            return self._maybe_wait(request, result)
+
+        def invalid(failure: Failure) -> None:
+            failure.trap(InvalidObjectError)
+            raise ApiError(400, f"not a table object: {failure.value}")
+
+        # Encoded across turns: a long list does not hold up the node.
+        adding = self.node.add_objects_cooperatively(objects)
+        return self._answer_later(request, adding.addCallbacks(added, invalid))
 
     def _remove(self, request: server.Request, h: str) -> bytes | int:
         self._require_master("remove objects")
