@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import re
 import sqlite3
 import threading
 from collections import deque
@@ -105,6 +106,26 @@ def _check_hash(h: object) -> str:
     if type(h) is not str or _match_hash(h) is None:
         raise ValueError(f"not a hash: {h!r:.80}")
     return h
+
+
+def _check_hashes(hs: list) -> list[str]:
+    """
+    @return: C{hs}, if every item is a hash: checked as L{_check_hash}
+        checks one, but a commit's thousands at once.
+    @raise ValueError: naming the first that is not.
+    """
+    if (set(map(type, hs)) <= _STR and set(map(len, hs)) <= _SIXTY_FOUR
+            and _match_hex("".join(hs))):
+        return hs
+    for h in hs:
+        _check_hash(h)
+    raise AssertionError("unreachable: every hash was valid")
+
+
+_STR = frozenset([str])
+_BYTES = frozenset([bytes])
+_SIXTY_FOUR = frozenset([64])
+_match_hex = re.compile("[0-9a-f]*").fullmatch
 
 
 def _check_data(data: object) -> bytes:
@@ -219,8 +240,27 @@ def _key(h: str) -> bytes:
     return bytes.fromhex(_check_hash(h))
 
 
-def _row(h: str, data: bytes) -> tuple[bytes, bytes]:
-    return _key(h), _check_data(data)
+def _keys(hs: list[str]) -> list[bytes]:
+    """
+    The stored forms of many hashes, converted at once.
+
+    @raise ValueError: if one of C{hs} is not a hash.
+    """
+    raw = bytes.fromhex("".join(_check_hashes(list(hs))))
+    return [raw[i:i + 32] for i in range(0, len(raw), 32)]
+
+
+def _datas(adds: list[tuple[str, bytes]]) -> list[bytes]:
+    """
+    The canonical bytes of C{adds}, checked to be bytes.
+
+    @raise TypeError: if one is not.
+    """
+    datas = [data for _, data in adds]
+    if not set(map(type, datas)) <= _BYTES:
+        for data in datas:
+            _check_data(data)
+    return datas
 
 
 @implementer(IStore)
@@ -438,9 +478,9 @@ class SqliteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany("DELETE FROM objects WHERE hash = ?",
-                               ((_key(h),) for h in removes))
+                               [(key,) for key in _keys(removes)])
                 db.executemany("INSERT OR IGNORE INTO objects (hash, data) VALUES (?, ?)",
-                               (_row(h, data) for h, data in adds))
+                               zip(_keys([h for h, _ in adds]), _datas(adds)))
                 db.execute(_SET_HEAD,
                            (head.rev, head.base, head.root, head.sig, head.master))
                 db.execute("COMMIT")
@@ -648,8 +688,9 @@ class BackgroundSqliteStore:
         @raise StoreError: if an earlier commit could not be written.
         """
         self._check()
-        removes = [_check_hash(h) for h in removes]
-        adds = [(_check_hash(h), _check_data(data)) for h, data in adds]
+        removes = _check_hashes(list(removes))
+        _check_hashes([h for h, _ in adds])
+        _datas(adds)
         if self._error is not None:
             raise self._error
         self._space.acquire()

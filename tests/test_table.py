@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -256,10 +257,18 @@ class TableSetTests(SynchronousTestCase):
         one, two = entry({"n": 1})[0], entry({"n": 2})[0]
         table.add(one)
         root = table.root()
-        with self.assertRaises(ValueError):
-            table.apply([two, "nope"], [one])
-        self.assertEqual(set(table), {one})
-        self.assertEqual(table.root(), root)
+        class Text(str):
+            pass
+
+        # The hashes of a change are checked all at once; each kind of bad
+        # one is still found, and named.
+        for bad in ["nope", two.upper(), two[:-1], two + "0", "g" * 64, "\u0660" * 64,
+                    b"x" * 64, None, Text(two)]:
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(ValueError, "not a hash: " + re.escape(repr(bad))):
+                    table.apply([two, bad, entry({"n": 3})[0]], [one])
+                self.assertEqual(set(table), {one})
+                self.assertEqual(table.root(), root)
 
 
 class RootTests(SynchronousTestCase):
