@@ -546,6 +546,85 @@ class BackgroundSqliteStoreTests(StoreContract, SynchronousTestCase):
         self.assertEqual(dict(store.items()), dict([a, b]))
         self.assertEqual(store.head().rev, 5)
 
+    def recorded(self, **options) -> tuple[BackgroundSqliteStore, list, threading.Event]:
+        """
+        An open store whose writer records each transaction as (rev, ops)
+        and sets the returned event after each.
+        """
+        written: list[tuple[int, int]] = []
+        wrote = threading.Event()
+
+        class Recorded(SqliteStore):
+            def commit(self, head, adds, removes) -> None:
+                super().commit(head, adds, removes)
+                written.append((head.rev, len(adds) + len(removes)))
+                wrote.set()
+
+        store = BackgroundSqliteStore(self.path, writer_factory=Recorded, **options)
+        store.open()
+        self.addCleanup(store.close)
+        return store, written, wrote
+
+    def without_waiting(self, store: BackgroundSqliteStore, call) -> None:
+        """
+        Call C{call}, which must not wait for the writer's gathering: if it
+        is still waiting after 30 s, a commit of 1,000 ops ends the
+        gathering (so the test does not hang) and the test fails.
+        """
+        fired = threading.Event()
+
+        def end_gathering() -> None:
+            fired.set()
+            store.commit(head_of(99, []), entries(*range(1000, 2000)), [])
+
+        guard = threading.Timer(30, end_gathering)
+        guard.start()
+        try:
+            call()
+        finally:
+            guard.cancel()
+        self.assertFalse(fired.is_set(), f"{call} waited for the gathering")
+
+    def test_gathers_ops_into_one_transaction(self) -> None:
+        """
+        The writer gathers commits until they hold gather_ops ops, and
+        writes them as one transaction.
+        """
+        store, written, wrote = self.recorded(gather_ops=3, gather_delay=3600)
+        store.commit(head_of(1, []), entries(1), [])
+        store.commit(head_of(2, []), entries(2), [])
+        # Two ops of three: nothing is written however long the writer runs.
+        self.assertFalse(wrote.wait(0.2))
+        self.assertEqual(written, [])
+        store.commit(head_of(3, []), entries(3), [])
+        self.assertTrue(wrote.wait(30))
+        self.assertEqual(written, [(3, 3)])
+
+    def test_gathers_for_gather_delay_at_most(self) -> None:
+        """
+        A commit alone is written once it has waited gather_delay seconds,
+        without a read that asks for it.
+        """
+        store, written, wrote = self.recorded(gather_ops=1000, gather_delay=0.01)
+        store.commit(head_of(1, []), entries(1, 2), [])
+        self.assertTrue(wrote.wait(30))
+        self.assertEqual(written, [(1, 2)])
+
+    def test_reads_of_the_file_and_close_do_not_wait_for_the_gathering(self) -> None:
+        """
+        count() (which reads the file) makes the writer write what it
+        gathered at once, and so does close().
+        """
+        store, written, _ = self.recorded(gather_ops=1000, gather_delay=3600)
+        store.commit(head_of(1, []), entries(1, 2), [])
+        counted: list[int] = []
+        self.without_waiting(store, lambda: counted.append(store.count()))
+        self.assertEqual(counted, [2])
+        self.assertEqual(written, [(1, 2)])
+        store.commit(head_of(2, []), entries(3), [])
+        self.without_waiting(store, store.close)
+        self.assertEqual(written, [(1, 2), (2, 1)])
+
     def test_failed_write_is_reported_and_later_commits_refused(self) -> None:
         class FullDisk(SqliteStore):
             def commit(self, head, adds, removes) -> None:
