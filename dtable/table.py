@@ -187,8 +187,10 @@ def _digest(node: _Node) -> bytes:
             assert node.hashes is not None
             digest = _leaf_digest(node.hashes)
         else:
+            # Most children of a stale node are not stale themselves: their
+            # digest is read without a call.
             digest = hashlib.sha256(
-                b"N" + b"".join([_digest(child) for child in children])
+                b"N" + b"".join([child.digest or _digest(child) for child in children])
             ).digest()
         node.digest = digest
     return digest
