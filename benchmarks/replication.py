@@ -115,6 +115,7 @@ import math
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import statistics
@@ -495,7 +496,7 @@ class Bench:
             common += ["--batch-max-ops", str(self.args.batch_max_ops)]
         nodes: dict[str, Node] = {}
         for k, name in enumerate(NAMES):
-            arguments = [*common, *extra]
+            arguments = [*common, *extra, *shlex.split(self.args.node_args)]
             if name == "master":
                 arguments.append("--master")
             else:
@@ -1368,6 +1369,9 @@ def main() -> int:
                         help="--max-frame of the nodes in row 4")
     parser.add_argument("--send-queue-limit", type=int, default=268_435_456,
                         help="--send-queue-limit of the nodes in row 4")
+    parser.add_argument("--node-args", default="", metavar="OPTIONS",
+                        help="more options for every node's twistd dtable, in one "
+                             "string (--node-args=--memory measures without the store)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--keep-logs", default=None, metavar="DIR",
                         help="copy every node's log to DIR before the temporary "

@@ -151,7 +151,7 @@ class Config:
 
     # Replication.
     batch_window: float = attrs.field(default=0.0, validator=_not_negative)
-    batch_max_ops: int = attrs.field(default=5_000, validator=_positive)
+    batch_max_ops: int = attrs.field(default=1_500, validator=_positive)
     master_sync_timeout: float = attrs.field(default=5.0, validator=_not_negative)
     catch_up_retry: float = attrs.field(default=1.0, validator=_positive)
     fetch_chunk: int = attrs.field(default=2_000, validator=_positive)
