@@ -302,6 +302,28 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         self.assertEqual(store.path, self.path)
         self.assertFalse(os.path.exists(os.path.dirname(self.path)))
 
+    def test_cache_grows_with_the_store(self) -> None:
+        """
+        size_cache gives SQLite 16 bytes of page cache per object, between
+        its own 2 MiB and 64 MiB, and a reopened store starts from SQLite's
+        default again.
+        """
+        store = self.opened()
+
+        def cache_kib() -> int:
+            return -store._open_db().execute("PRAGMA cache_size").fetchone()[0]
+
+        for rows, kib in [(0, 2048), (100_000, 2048), (1_000_000, 15625),
+                          (10_000_000, 65536), (1_000, 2048)]:
+            store.size_cache(rows)
+            self.assertEqual(cache_kib(), kib, rows)
+        store.size_cache(1_000_000)
+        store.close()
+        store.open()
+        self.assertEqual(cache_kib(), 2000)
+        store.size_cache(1_000_000)
+        self.assertEqual(cache_kib(), 15625)
+
     def test_open_creates_directories(self) -> None:
         self.path = os.path.join(self.dir, "a", "b", "c", DB_NAME)
         self.opened()
@@ -590,7 +612,7 @@ class BackgroundSqliteStoreTests(StoreContract, SynchronousTestCase):
         The writer gathers commits until they hold gather_ops ops, and
         writes them as one transaction.
         """
-        store, written, wrote = self.recorded(gather_ops=3, gather_delay=3600)
+        store, written, wrote = self.recorded(gather_ops=3, gather_delay=3600, gather_idle=3600)
         store.commit(head_of(1, []), entries(1), [])
         store.commit(head_of(2, []), entries(2), [])
         # Two ops of three: nothing is written however long the writer runs.
@@ -605,7 +627,19 @@ class BackgroundSqliteStoreTests(StoreContract, SynchronousTestCase):
         A commit alone is written once it has waited gather_delay seconds,
         without a read that asks for it.
         """
-        store, written, wrote = self.recorded(gather_ops=1000, gather_delay=0.01)
+        store, written, wrote = self.recorded(gather_ops=1000, gather_delay=0.01,
+                                              gather_idle=3600)
+        store.commit(head_of(1, []), entries(1, 2), [])
+        self.assertTrue(wrote.wait(30))
+        self.assertEqual(written, [(1, 2)])
+
+    def test_gathers_while_commits_keep_coming(self) -> None:
+        """
+        A commit that no other follows within gather_idle seconds is
+        written without waiting for gather_delay.
+        """
+        store, written, wrote = self.recorded(gather_ops=1000, gather_delay=3600,
+                                              gather_idle=0.01)
         store.commit(head_of(1, []), entries(1, 2), [])
         self.assertTrue(wrote.wait(30))
         self.assertEqual(written, [(1, 2)])
@@ -615,7 +649,7 @@ class BackgroundSqliteStoreTests(StoreContract, SynchronousTestCase):
         count() (which reads the file) makes the writer write what it
         gathered at once, and so does close().
         """
-        store, written, _ = self.recorded(gather_ops=1000, gather_delay=3600)
+        store, written, _ = self.recorded(gather_ops=1000, gather_delay=3600, gather_idle=3600)
         store.commit(head_of(1, []), entries(1, 2), [])
         counted: list[int] = []
         self.without_waiting(store, lambda: counted.append(store.count()))
