@@ -36,9 +36,13 @@ Adding or removing a hash walks one path from the root, updates counts and
 marks the digests on the path stale; L{Table.root} recomputes only stale
 digests. L{root_of} computes the same root from a list of hashes.
 
-Hashes are hex text everywhere outside this module; inside, the table keeps
-their 32 raw bytes (65 bytes of memory each, where the text takes 113, and
-a leaf's digest is taken over them as they are).
+Hashes are hex text everywhere outside this module; inside, a leaf keeps
+its hashes' 32 raw bytes each, sorted and concatenated in one bytes object:
+32 bytes of memory per hash (a bytes object each, in a list and a set, took
+about 100), a leaf's digest is taken over it as it is, and the cyclic
+garbage collector, which walks every list and set it tracks, has nothing
+per hash to walk. A hash is found by walking its path and searching its
+leaf.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import re
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
@@ -63,6 +67,8 @@ __all__ = [
 
 LEAF_MAX = 64
 """The most hashes a leaf holds; a node with more is internal."""
+
+_LEAF_MAX_BYTES = LEAF_MAX * 32
 
 _HEX_DIGITS = "0123456789abcdef"
 _NIBBLE = {digit: value for value, digit in enumerate(_HEX_DIGITS)}
@@ -113,18 +119,19 @@ class _Node:
     """
     One node of the trie, changed in place between leaf and internal.
 
-    @ivar hashes: a leaf's hashes (raw), sorted; C{None} for an internal node.
+    @ivar hashes: a leaf's hashes (raw), sorted and concatenated; C{None}
+        for an internal node.
     @ivar children: an internal node's 16 children in digit order; C{None}
         for a leaf.
     @ivar count: an internal node's number of hashes (a leaf's is
-        C{len(hashes)}).
+        C{len(hashes) // 32}).
     @ivar digest: the raw digest, or C{None} while it is stale.
     """
 
     __slots__ = ("hashes", "children", "count", "digest")
 
-    def __init__(self, hashes: list[bytes]) -> None:
-        self.hashes: list[bytes] | None = hashes
+    def __init__(self, hashes: bytes) -> None:
+        self.hashes: bytes | None = hashes
         self.children: list[_Node] | None = None
         self.count = 0
         self.digest: bytes | None = None
@@ -137,6 +144,28 @@ def _leaf_digest(hashes: list[bytes]) -> bytes:
     if not hashes:
         return _EMPTY_DIGEST
     return hashlib.sha256(b"L" + b"".join(hashes)).digest()
+
+
+def _records(blob: bytes) -> list[bytes]:
+    """
+    The raw hashes of a leaf's C{blob}, in order.
+    """
+    return [blob[i:i + 32] for i in range(0, len(blob), 32)]
+
+
+def _position(blob: bytes, h: bytes) -> int:
+    """
+    Where the raw hash C{h} is, or would go, in a leaf's C{blob}: the index
+    of the first hash there that is not less than C{h}.
+    """
+    lo, hi = 0, len(blob) >> 5
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if blob[mid << 5:(mid << 5) + 32] < h:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _nibble(h: bytes, depth: int) -> int:
@@ -184,8 +213,9 @@ def _digest(node: _Node) -> bytes:
     if digest is None:
         children = node.children
         if children is None:
-            assert node.hashes is not None
-            digest = _leaf_digest(node.hashes)
+            blob = node.hashes
+            assert blob is not None
+            digest = hashlib.sha256(b"L" + blob).digest() if blob else _EMPTY_DIGEST
         else:
             # Most children of a stale node are not stale themselves: their
             # digest is read without a call.
@@ -198,7 +228,7 @@ def _digest(node: _Node) -> bytes:
 
 def _count(node: _Node) -> int:
     hashes = node.hashes
-    return node.count if hashes is None else len(hashes)
+    return node.count if hashes is None else len(hashes) >> 5
 
 
 def _collect(node: _Node, into: list[bytes]) -> None:
@@ -206,7 +236,7 @@ def _collect(node: _Node, into: list[bytes]) -> None:
     Append every hash under C{node} to C{into}, in sorted order.
     """
     if node.hashes is not None:
-        into.extend(node.hashes)
+        into.extend(_records(node.hashes))
         return
     assert node.children is not None
     for child in node.children:
@@ -221,8 +251,10 @@ def _collect_after(node: _Node, depth: int, start: str, first_after: bytes, limi
     that is from C{first_after} on, until C{into} holds C{limit}.
     """
     if node.hashes is not None:
-        begin = bisect_left(node.hashes, first_after)
-        into.extend(node.hashes[begin:begin + limit - len(into)])
+        begin = _position(node.hashes, first_after[:32])
+        if first_after[32:] and node.hashes[begin << 5:(begin << 5) + 32] == first_after[:32]:
+            begin += 1
+        into.extend(_records(node.hashes[begin << 5:(begin + limit - len(into)) << 5]))
         return
     assert node.children is not None
     # Children before start's digit hold nothing after start; its own child
@@ -244,19 +276,19 @@ def _split(node: _Node, depth: int) -> None:
     Turn the overfull leaf C{node}, at C{depth} hex digits, into an internal
     node, splitting any child that is itself overfull.
     """
-    hashes = node.hashes
-    assert hashes is not None
+    blob = node.hashes
+    assert blob is not None
     buckets: list[list[bytes]] = [[] for _ in _HEX_DIGITS]
-    for h in hashes:  # sorted, so each bucket comes out sorted
+    for h in _records(blob):  # sorted, so each bucket comes out sorted
         buckets[_nibble(h, depth)].append(h)
-    children = [_Node(bucket) for bucket in buckets]
+    children = [_Node(b"".join(bucket)) for bucket in buckets]
     node.hashes = None
     node.children = children
-    node.count = len(hashes)
+    node.count = len(blob) >> 5
     node.digest = None
     for child in children:
         assert child.hashes is not None
-        if len(child.hashes) > LEAF_MAX:
+        if len(child.hashes) > _LEAF_MAX_BYTES:
             _split(child, depth + 1)
 
 
@@ -317,19 +349,32 @@ class Table:
     """
 
     def __init__(self) -> None:
-        self._members: set[bytes] = set()
-        self._root = _Node([])
+        self._root = _Node(b"")
 
     # -- the set --------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._members)
+        return _count(self._root)
 
     def __contains__(self, h: object) -> bool:
-        return _raw(h) in self._members
+        raw = _raw(h)
+        if raw is None:
+            return False
+        node = self._root
+        depth = 0
+        children = node.children
+        while children is not None:
+            byte = raw[depth >> 1]
+            node = children[byte & 15 if depth & 1 else byte >> 4]
+            children = node.children
+            depth += 1
+        blob = node.hashes
+        assert blob is not None
+        at = _position(blob, raw) << 5
+        return blob[at:at + 32] == raw
 
     def __iter__(self) -> Iterator[str]:
-        return (h.hex() for h in self._members)
+        return iter(self.hashes())
 
     def hashes(self) -> list[str]:
         """
@@ -373,11 +418,7 @@ class Table:
         raw = _raw(h)
         if raw is None:
             raise ValueError(f"not a hash: {h!r}")
-        if raw in self._members:
-            return False
-        self._members.add(raw)
-        self._insert(raw)
-        return True
+        return self._insert(raw)
 
     def remove(self, h: str) -> bool:
         """
@@ -387,11 +428,7 @@ class Table:
             hold C{h} (nothing changes).
         """
         raw = _raw(h)
-        if raw not in self._members:
-            return False
-        self._members.discard(raw)
-        self._discard(raw)
-        return True
+        return raw is not None and self._discard(raw)
 
     def apply(self, adds: Iterable[str], removes: Iterable[str]) -> tuple[list[str], list[str]]:
         """
@@ -413,21 +450,15 @@ class Table:
                 raise ValueError(f"not a hash: {h!r}")
             to_add.append((h, raw))
         removed = [h for h in removes if self.remove(h)]
-        members = self._members
-        added = []
-        for h, raw in to_add:
-            if raw not in members:
-                members.add(raw)
-                self._insert(raw)
-                added.append(h)
+        insert = self._insert
+        added = [h for h, raw in to_add if insert(raw)]
         return added, removed
 
     def clear(self) -> None:
         """
         Remove every hash.
         """
-        self._members.clear()
-        self._root = _Node([])
+        self._root = _Node(b"")
 
     # -- the tree -------------------------------------------------------
 
@@ -456,7 +487,8 @@ class Table:
         if depth == len(prefix):
             if node.children is not None:
                 return NodeSummary("internal", _digest(node).hex(), node.count)
-            hashes = node.hashes
+            assert node.hashes is not None
+            hashes = _records(node.hashes)
         else:
             hashes = self._leaf_range(node, prefix)
         assert hashes is not None
@@ -535,57 +567,77 @@ class Table:
         """
         The hashes of C{leaf} that start with C{prefix}.
         """
-        hashes = leaf.hashes
-        assert hashes is not None
+        assert leaf.hashes is not None
+        hashes = _records(leaf.hashes)
         start = bisect_left(hashes, _lowest(prefix))
         end = bisect_right(hashes, _highest(prefix), start)
         return hashes[start:end]
 
-    def _insert(self, h: bytes) -> None:
+    def _leaf_of(self, h: bytes) -> tuple[_Node, int, list[_Node]]:
         """
-        Put the new hash C{h} into the tree.
+        The leaf on the path of raw hash C{h}, its depth, and the internal
+        nodes above it from the root down.
         """
         node = self._root
         depth = 0
+        path = []
         children = node.children
         while children is not None:
+            path.append(node)
+            byte = h[depth >> 1]
+            node = children[byte & 15 if depth & 1 else byte >> 4]
+            children = node.children
+            depth += 1
+        return node, depth, path
+
+    def _insert(self, h: bytes) -> bool:
+        """
+        Put the raw hash C{h} into the tree, unless it is there.
+
+        @return: whether it was added.
+        """
+        leaf, depth, path = self._leaf_of(h)
+        blob = leaf.hashes
+        assert blob is not None
+        at = _position(blob, h) << 5
+        if blob[at:at + 32] == h:
+            return False
+        for node in path:
             node.count += 1
             node.digest = None
-            byte = h[depth >> 1]
-            node = children[byte & 15 if depth & 1 else byte >> 4]
-            children = node.children
-            depth += 1
-        hashes = node.hashes
-        assert hashes is not None
-        insort(hashes, h)
-        node.digest = None
-        if len(hashes) > LEAF_MAX:
-            _split(node, depth)
+        blob = blob[:at] + h + blob[at:]
+        leaf.hashes = blob
+        leaf.digest = None
+        if len(blob) > _LEAF_MAX_BYTES:
+            _split(leaf, depth)
+        return True
 
-    def _discard(self, h: bytes) -> None:
+    def _discard(self, h: bytes) -> bool:
         """
-        Take the held hash C{h} out of the tree.
+        Take the raw hash C{h} out of the tree, if it is there.
+
+        @return: whether it was removed.
         """
-        node = self._root
-        depth = 0
-        children = node.children
-        while children is not None:
-            node.digest = None
+        leaf, _, path = self._leaf_of(h)
+        blob = leaf.hashes
+        assert blob is not None
+        at = _position(blob, h) << 5
+        if blob[at:at + 32] != h:
+            return False
+        leaf.hashes = blob[:at] + blob[at + 32:]
+        leaf.digest = None
+        collapse = None
+        for node in path:
             node.count -= 1
-            if node.count <= LEAF_MAX:
-                # The highest node on the path to drop to LEAF_MAX: it and
-                # everything under it become one leaf.
-                hashes: list[bytes] = []
-                _collect(node, hashes)
-                node.children = None
-                node.hashes = hashes
-                node.count = 0
-                break
-            byte = h[depth >> 1]
-            node = children[byte & 15 if depth & 1 else byte >> 4]
-            children = node.children
-            depth += 1
-        hashes_ = node.hashes
-        assert hashes_ is not None
-        del hashes_[bisect_left(hashes_, h)]
-        node.digest = None
+            node.digest = None
+            if collapse is None and node.count <= LEAF_MAX:
+                collapse = node
+        if collapse is not None:
+            # The highest node on the path that fell to LEAF_MAX: it and
+            # everything under it become one leaf.
+            hashes: list[bytes] = []
+            _collect(collapse, hashes)
+            collapse.children = None
+            collapse.hashes = b"".join(hashes)
+            collapse.count = 0
+        return True
