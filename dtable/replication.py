@@ -337,12 +337,20 @@ class Replica:
         head, store it and return the change with its batch frame. None if
         nothing would change.
         """
-        adds = [a for a in adds if a[0] not in self.table]
         removes = [h for h in removes if h in self.table]
+        if removes:
+            # An add of a hash the table holds changes nothing, even if it
+            # is removed too.
+            gone = set(removes)
+            adds = [a for a in adds if a[0] not in gone]
+        removed_data = self._store.get_many(removes)
+        # Adds of other hashes the table holds are left out by apply.
+        added, _ = self.table.apply([h for h, _, _ in adds], removes)
+        if len(added) < len(adds):
+            new = set(added)
+            adds = [a for a in adds if a[0] in new]
         if not adds and not removes:
             return None
-        removed_data = self._store.get_many(removes)
-        self.table.apply([h for h, _, _ in adds], removes)
         rev = self.head.rev + 1
         head = signer.sign(rev, self.head.rev, self.table.root())
         self._commit(head, adds, removes)
