@@ -219,9 +219,7 @@ class Replica:
             L{resign} or L{reset} make the state one this replica can serve.
         """
         head = self._store.head()
-        self.table.clear()
-        for h in self._store.hashes():
-            self.table.add(h)
+        self.table.load(self._store.hashes())
         if self.table.root() != head.root:
             raise ValueError(
                 f"stored table does not match its head at revision {head.rev}"

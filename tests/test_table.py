@@ -336,6 +336,42 @@ class RootTests(SynchronousTestCase):
         self.assertEqual(table_of(hashes).root(), expected)
         self.assertEqual(table_of(shuffled).root(), expected)
 
+    @given(hash_sets, seeds)
+    @settings(max_examples=60, deadline=None)
+    def test_load(self, hashes: list[str], seed: int) -> None:
+        """
+        load() builds the table adding one by one would: the same tree
+        under the same rules, the same root and hashes, and one that goes
+        on changing the same way. It replaces what the table held.
+        """
+        shuffled = list(hashes) + list(hashes[:5])
+        random.Random(seed).shuffle(shuffled)
+        table = table_of(POOL[:100])
+        table.load(shuffled)
+        self.assertEqual(table.root(), root_of(hashes))
+        self.assertEqual(table.hashes(), sorted(set(hashes)))
+        self.assertEqual(len(table), len(set(hashes)))
+        check_tree(self, table)
+        added = table_of(hashes)
+        for h in POOL[:50] + hashes[::3]:
+            self.assertEqual(table.add(h), added.add(h))
+        for h in hashes[::2]:
+            self.assertEqual(table.remove(h), added.remove(h))
+        self.assertEqual(table.root(), added.root())
+        check_tree(self, table)
+
+    def test_load_not_a_hash(self) -> None:
+        """
+        load() refuses a list holding anything that is not a hash, and the
+        table keeps what it held.
+        """
+        table = table_of(POOL[:10])
+        root = table.root()
+        with self.assertRaisesRegex(ValueError, "not a hash"):
+            table.load(POOL[10:20] + [POOL[20].upper()])
+        self.assertEqual(table.root(), root)
+        self.assertEqual(len(table), 10)
+
     @given(histories, seeds)
     @settings(max_examples=60, deadline=None)
     def test_history(self, phases: list[tuple[float, int]], seed: int) -> None:
