@@ -71,6 +71,21 @@ EVENTS = ("started", "object_added", "object_removed", "message_received", "erro
 ENCODE_BUDGET = 0.01
 
 
+def _encoded(objects: list[dict]) -> Iterator[tuple[str, dict, bytes]]:
+    """
+    Each of C{objects} as (hash, object, canonical bytes).
+
+    @raise InvalidObjectError: naming the first that is not a table object,
+        by its index.
+    """
+    for index, obj in enumerate(objects):
+        try:
+            data = canonical_bytes(obj)
+        except InvalidObjectError as e:
+            raise InvalidObjectError(f"object {index}: {e}") from None
+        yield hash_bytes(data), obj, data
+
+
 class _Budget:
     """
     A Cooperator's termination predicate: true once C{seconds} have passed
@@ -405,14 +420,7 @@ class DistributedTable(MultiService):
         """
         objects = list(objects)
         self._require_master("add_objects", objects)
-        encoded = []
-        for index, obj in enumerate(objects):
-            try:
-                data = canonical_bytes(obj)
-            except InvalidObjectError as e:
-                raise InvalidObjectError(f"object {index}: {e}") from None
-            encoded.append((hash_bytes(data), obj, data))
-        return self._add_encoded("add_objects", encoded)
+        return self._add_encoded("add_objects", list(_encoded(objects)))
 
     def add_objects_cooperatively(self, objects: Iterable[dict]) -> Deferred:
         """
@@ -436,12 +444,8 @@ class DistributedTable(MultiService):
         encoded: list[tuple[str, dict, bytes]] = []
 
         def encode() -> Iterator[None]:
-            for index, obj in enumerate(objects):
-                try:
-                    data = canonical_bytes(obj)
-                except InvalidObjectError as e:
-                    raise InvalidObjectError(f"object {index}: {e}") from None
-                encoded.append((hash_bytes(data), obj, data))
+            for index, entry in enumerate(_encoded(objects)):
+                encoded.append(entry)
                 if index % 64 == 63:
                     yield None
 

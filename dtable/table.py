@@ -191,6 +191,21 @@ def _raw(h: object) -> bytes | None:
     return raw if raw.hex() == h else None
 
 
+def _raws(hashes: Iterable[str]) -> list[bytes]:
+    """
+    The raw forms of C{hashes}.
+
+    @raise ValueError: naming the first that is not a hash as L{_raw} takes.
+    """
+    raw = []
+    for h in hashes:
+        r = _raw(h)
+        if r is None:
+            raise ValueError(f"not a hash: {h!r}")
+        raw.append(r)
+    return raw
+
+
 def _lowest(prefix: str) -> bytes:
     """
     The smallest raw hash that starts with the hex C{prefix}.
@@ -348,13 +363,7 @@ def root_of(hashes: Iterable[str]) -> str:
     @return: the root, in hex.
     @raise ValueError: if one of them is not 64 lowercase hex digits.
     """
-    unique = sorted(set(hashes))
-    raw = []
-    for h in unique:
-        r = _raw(h)
-        if r is None:
-            raise ValueError(f"not a hash: {h!r}")
-        raw.append(r)
+    raw = sorted(set(_raws(hashes)))
     return _subtree_digest(raw, 0, len(raw), 0).hex()
 
 
@@ -491,14 +500,7 @@ class Table:
         @raise ValueError: if one of them is not 64 lowercase hex digits;
             the table is then unchanged.
         """
-        raw = []
-        for h in hashes:
-            r = _raw(h)
-            if r is None:
-                raise ValueError(f"not a hash: {h!r}")
-            raw.append(r)
-        ordered = sorted(set(raw))
-        del raw
+        ordered = sorted(set(_raws(hashes)))
         self._root = _build(ordered, 0, len(ordered), "")
 
     # -- the tree -------------------------------------------------------
