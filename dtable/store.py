@@ -585,9 +585,10 @@ class BackgroundSqliteStore:
     C{gather_ops} ops or a tenth of the stored objects, whichever is more,
     or the first of them has waited C{gather_delay} seconds, or half of
     C{max_pending} commits wait. A bulk load is written in few large
-    transactions; a lone change is on disk within C{gather_idle}. With random hashes for keys, every
-    transaction rewrites most pages of the hash index, so the larger the
-    store, the larger a transaction must be to cost little per object:
+    transactions; a lone change is on disk within C{gather_idle}. With
+    random hashes for keys, every transaction rewrites most pages of the
+    hash index, so the larger the store, the larger a transaction must be
+    to cost little per object:
     writing 100,000 objects in transactions of 2,000 takes the writer 0.75 s
     of CPU, in transactions of 10,000 0.63 s; 1,000,000 objects in
     transactions of 5,000 take 13.8 s, of 50,000 10.0 s. For the same
@@ -614,8 +615,8 @@ class BackgroundSqliteStore:
         @param writer_factory: makes the writer's L{SqliteStore} (tests
             give it one that fails).
         @param gather_ops: ops the writer gathers into one transaction
-            before it writes, at least (in a store of more than 20 times
-            as many objects, a twentieth of them).
+            before it writes, at least (in a store of more than ten times
+            as many objects, a tenth of them).
         @param gather_delay: seconds the writer waits for more commits
             after the first, at most.
         @param gather_idle: seconds the writer waits for the next commit,
