@@ -713,19 +713,19 @@ class BackgroundSqliteStore:
         with self._lock:
             pending = list(self._pending)
         found: dict[str, bytes] = {}
-        settled: set[str] = set()
-        # The newest pending commit that mentions a hash decides it.
+        # The newest pending commit that mentions a hash decides it. Set
+        # operations, not a loop over the wanted hashes per commit: up to
+        # max_pending commits wait while a bulk load is gathered.
+        open_ = set(wanted)
         for entry in reversed(pending):
-            for h in wanted:
-                if h in settled:
-                    continue
-                data = entry.adds.get(h)
-                if data is not None:
-                    found[h] = data
-                    settled.add(h)
-                elif h in entry.removes:
-                    settled.add(h)
-        rest = [h for h in wanted if h not in settled]
+            if not open_:
+                break
+            adds = entry.adds
+            for h in adds.keys() & open_:
+                found[h] = adds[h]
+            open_ -= adds.keys()
+            open_ -= entry.removes
+        rest = [h for h in wanted if h in open_]
         if rest:
             found.update(self._reader.get_many(rest))
         return found
