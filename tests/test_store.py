@@ -304,7 +304,7 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
 
     def test_cache_grows_with_the_store(self) -> None:
         """
-        size_cache gives SQLite 16 bytes of page cache per object, between
+        size_cache gives SQLite 48 bytes of page cache per object, between
         its own 2 MiB and 64 MiB, and a reopened store starts from SQLite's
         default again.
         """
@@ -313,7 +313,7 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         def cache_kib() -> int:
             return -store._open_db().execute("PRAGMA cache_size").fetchone()[0]
 
-        for rows, kib in [(0, 2048), (100_000, 2048), (1_000_000, 15625),
+        for rows, kib in [(0, 2048), (40_000, 2048), (100_000, 4687), (1_000_000, 46875),
                           (10_000_000, 65536), (1_000, 2048)]:
             store.size_cache(rows)
             self.assertEqual(cache_kib(), kib, rows)
@@ -322,7 +322,7 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         store.open()
         self.assertEqual(cache_kib(), 2000)
         store.size_cache(1_000_000)
-        self.assertEqual(cache_kib(), 15625)
+        self.assertEqual(cache_kib(), 46875)
 
     def test_open_creates_directories(self) -> None:
         self.path = os.path.join(self.dir, "a", "b", "c", DB_NAME)
