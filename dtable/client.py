@@ -309,11 +309,31 @@ def read_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
 
 
 def _lines(response: http.client.HTTPResponse) -> Iterator[str]:
+    """
+    The lines of C{response}, without their line feeds, read as they come
+    (whatever one read gives) and split in bulk: a readline() per line of
+    a chunked response cost more than parsing the events.
+    """
+    # The start of an unfinished line, in pieces: a long line (a large
+    # message's data) is joined once, not once per read.
+    pending: list[bytes] = []
     while True:
-        line = response.readline()
-        if not line:
+        data = response.read1(65536)
+        if not data:
+            if pending:
+                yield b"".join(pending).decode("utf-8", "replace")
             return
-        yield line.decode("utf-8", "replace")
+        if b"\n" not in data:
+            pending.append(data)
+            continue
+        complete = data.split(b"\n")
+        if pending:
+            pending.append(complete[0])
+            complete[0] = b"".join(pending)
+        last = complete.pop()
+        pending = [last] if last else []
+        for line in complete:
+            yield line.decode("utf-8", "replace")
 
 
 def _decode(data: str) -> Any:

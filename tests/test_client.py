@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dtable.__main__ import main
 from dtable.client import (ApiClient, NodeUnreachable, RequestFailed, Unauthorized,
-                           api_url, read_events)
+                           _lines, api_url, read_events)
 from dtable.service import DistributedTable
 from dtable.testing import LocalNetwork, wait_for
 
@@ -200,6 +200,43 @@ class ReadEventsTests(SynchronousTestCase):
         stream = ["id: 7\n", "retry: 100\n", "data: plain\n", "\n",
                   "event: empty\n", "\n", "event: cut\n", "data: off"]
         self.assertEqual(list(read_events(stream)), [("message", "plain")])
+
+
+class LinesTests(SynchronousTestCase):
+    """
+    The client reads an event stream whatever its reads give, and splits
+    it into lines itself.
+    """
+
+    class Reads:
+        """
+        A response whose read1() gives the pieces it was made with.
+        """
+
+        def __init__(self, *pieces: bytes) -> None:
+            self._pieces = list(pieces)
+
+        def read1(self, size: int) -> bytes:
+            return self._pieces.pop(0) if self._pieces else b""
+
+    def test_lines_across_reads(self) -> None:
+        long = "\u00e9" * 50_000
+        pieces = [b"event: a\r\ndata: ", b"{}\n\nevent: b\nda", b"ta: x\n",
+                  b"\n:", b" keep-alive\n\ndata: "]
+        # A long data line comes over many reads, and a two-byte character
+        # is cut between two of them.
+        encoded = long.encode("utf-8")
+        pieces += [encoded[i:i + 4097] for i in range(0, len(encoded), 4097)]
+        pieces += [b"\n\nevent: cut\ndata: off"]
+        lines = list(_lines(self.Reads(*pieces)))
+        self.assertEqual(lines, ["event: a\r", "data: {}", "", "event: b", "data: x", "",
+                                 ": keep-alive", "", "data: " + long, "", "event: cut",
+                                 "data: off"])
+        self.assertEqual(list(read_events(lines)),
+                         [("a", "{}"), ("b", "x"), ("message", long)])
+
+    def test_empty(self) -> None:
+        self.assertEqual(list(_lines(self.Reads())), [])
 
 
 class ApiUrlTests(SynchronousTestCase):
