@@ -168,6 +168,17 @@ def _position(blob: bytes, h: bytes) -> int:
     return lo
 
 
+def _held(leaf: _Node, h: bytes) -> tuple[int, bool]:
+    """
+    Where the raw hash C{h} is, or would go, in C{leaf}'s bytes (an
+    offset), and whether it is there.
+    """
+    blob = leaf.hashes
+    assert blob is not None
+    at = _position(blob, h) << 5
+    return at, blob[at:at + 32] == h
+
+
 def _nibble(h: bytes, depth: int) -> int:
     """
     The hex digit of raw hash C{h} at C{depth}, as a number.
@@ -388,20 +399,7 @@ class Table:
 
     def __contains__(self, h: object) -> bool:
         raw = _raw(h)
-        if raw is None:
-            return False
-        node = self._root
-        depth = 0
-        children = node.children
-        while children is not None:
-            byte = raw[depth >> 1]
-            node = children[byte & 15 if depth & 1 else byte >> 4]
-            children = node.children
-            depth += 1
-        blob = node.hashes
-        assert blob is not None
-        at = _position(blob, raw) << 5
-        return blob[at:at + 32] == raw
+        return raw is not None and _held(self._leaf_of(raw)[0], raw)[1]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.hashes())
@@ -640,14 +638,14 @@ class Table:
         @return: whether it was added.
         """
         leaf, depth, path = self._leaf_of(h)
-        blob = leaf.hashes
-        assert blob is not None
-        at = _position(blob, h) << 5
-        if blob[at:at + 32] == h:
+        at, held = _held(leaf, h)
+        if held:
             return False
         for node in path:
             node.count += 1
             node.digest = None
+        blob = leaf.hashes
+        assert blob is not None
         blob = blob[:at] + h + blob[at:]
         leaf.hashes = blob
         leaf.digest = None
@@ -662,11 +660,11 @@ class Table:
         @return: whether it was removed.
         """
         leaf, _, path = self._leaf_of(h)
+        at, held = _held(leaf, h)
+        if not held:
+            return False
         blob = leaf.hashes
         assert blob is not None
-        at = _position(blob, h) << 5
-        if blob[at:at + 32] != h:
-            return False
         leaf.hashes = blob[:at] + blob[at + 32:]
         leaf.digest = None
         collapse = None
