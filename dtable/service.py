@@ -496,42 +496,67 @@ class DistributedTable(MultiService):
         @return: the message id.
         @raise dtable.canonical.InvalidObjectError: if C{body} is not JSON.
         """
-        [(message_id, frame)] = self._message_frames([body])
-        self._send_frame(message_id, frame)
+        [message_id] = self.send_messages([body])
         return message_id
 
     def send_messages(self, bodies: Iterable[Any]) -> list[str]:
         """
         Send each of C{bodies} as its own message (see L{send_message}): all
-        of them, or, if one is not JSON, none.
+        of them, or, if one is not JSON, none. They travel together, up to
+        L{wire.BUNDLE_BYTES} in a frame, and every node receives them in
+        order, each as its own message_received; the ids of messages that
+        share a frame are its id and their index in it.
 
         @return: the message ids, in order.
         @raise dtable.canonical.InvalidObjectError: naming the first body
             that is not JSON, by its index.
         """
-        frames = self._message_frames(bodies)
-        for message_id, frame in frames:
-            self._send_frame(message_id, frame)
-        return [message_id for message_id, _ in frames]
+        frames: list[tuple[str, bytes]] = []
+        ids: list[str] = []
+        bundle: list[bytes] = []
+        size = 0
 
-    def _message_frames(self, bodies: Iterable[Any]) -> list[tuple[str, bytes]]:
-        frames = []
+        def close_bundle() -> None:
+            nonlocal size
+            if bundle:
+                frame_id = new_message_id()
+                frames.append((frame_id, wire.message_frame(frame_id, self.node_id, bundle)))
+                ids.extend([frame_id] if len(bundle) == 1 else
+                           [f"{frame_id}.{i}" for i in range(len(bundle))])
+                bundle.clear()
+                size = 0
+
         for index, body in enumerate(bodies):
-            where = f"message {index}" if index else "message"
-            message_id = new_message_id()
-            try:
-                frame = wire.message(message_id, self.node_id, body)
-            except (TypeError, ValueError, RecursionError) as e:
-                raise InvalidObjectError(f"{where} is not JSON: {e}") from None
-            if wire.nested_deeper_than(body, wire.MAX_NESTING - 1):
-                raise InvalidObjectError(
-                    f"{where} is nested deeper than {wire.MAX_NESTING - 1} levels")
-            frames.append((message_id, frame))
-        return frames
+            data, alone = self._body_bytes(body, index)
+            if alone or size + len(data) > wire.BUNDLE_BYTES or len(bundle) == wire.MAX_BUNDLE:
+                close_bundle()
+            bundle.append(data)
+            size += len(data)
+            if alone:
+                close_bundle()
+        close_bundle()
+        for frame_id, frame in frames:
+            self.messages.first_sight(frame_id)
+            self._flood(frame, None)
+        return ids
 
-    def _send_frame(self, message_id: str, frame: bytes) -> None:
-        self.messages.first_sight(message_id)
-        self._flood(frame, None)
+    @staticmethod
+    def _body_bytes(body: Any, index: int) -> tuple[bytes, bool]:
+        """
+        C{body} encoded, and whether it must travel in a frame of its own: a
+        body in a C{msgs} frame sits one level deeper than in a C{msg}.
+        """
+        where = f"message {index}" if index else "message"
+        try:
+            data = wire.body_bytes(body)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise InvalidObjectError(f"{where} is not JSON: {e}") from None
+        if not wire.nested_deeper_than(body, wire.MAX_NESTING - 2):
+            return data, False
+        if wire.nested_deeper_than(body, wire.MAX_NESTING - 1):
+            raise InvalidObjectError(
+                f"{where} is nested deeper than {wire.MAX_NESTING - 1} levels")
+        return data, True
 
     def flush(self) -> Deferred:
         """
@@ -1384,7 +1409,7 @@ class DistributedTable(MultiService):
     def frame_received(self, link: PeerProtocol, message: Any, frame: bytes) -> None:
         if isinstance(message, wire.Batch):
             self._batch_received(link, message, frame)
-        elif isinstance(message, wire.Message):
+        elif isinstance(message, (wire.Message, wire.Messages)):
             self._message_received(link, message, frame)
         elif isinstance(message, wire.Beacon):
             self._beacon_received(link, message, frame)
@@ -1567,12 +1592,14 @@ class DistributedTable(MultiService):
 
     # Messages -------------------------------------------------------------------
 
-    def _message_received(self, link: PeerProtocol, message: wire.Message,
+    def _message_received(self, link: PeerProtocol, message: wire.Message | wire.Messages,
                           frame: bytes) -> None:
         if not self.messages.first_sight(message.id):
             return
         self.counters["messages_relayed"] += self._flood(frame, link)
         if message.origin != self.node_id:
-            self.counters["messages_received"] += 1
-            self._emit("message_received", message.body)
+            bodies = message.bodies if isinstance(message, wire.Messages) else (message.body,)
+            self.counters["messages_received"] += len(bodies)
+            for body in bodies:
+                self._emit("message_received", body)
             self._changed()

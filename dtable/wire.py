@@ -136,6 +136,18 @@ class Message:
 
 
 @attrs.frozen
+class Messages:
+    """
+    Messages one node sent together, flooded as one frame under one id:
+    each body is delivered as its own message, in order.
+    """
+
+    id: str
+    origin: str
+    bodies: tuple[Any, ...]
+
+
+@attrs.frozen
 class Fetch:
     id: int
     hashes: tuple[str, ...]
@@ -262,7 +274,7 @@ class Diff:
 
 Response = Union[Pong, Objects, Refusal, LogEntries, TreeNodes, Diff]
 WireMessage = Union[
-    Hello, Ping, Pong, Batch, HeadAnnouncement, Message, Nodes, Beacon, Fetch, Objects, Refusal, LogRequest, LogEntries, TreeRequest, TreeNodes,
+    Hello, Ping, Pong, Batch, HeadAnnouncement, Message, Messages, Nodes, Beacon, Fetch, Objects, Refusal, LogRequest, LogEntries, TreeRequest, TreeNodes,
     DiffRequest, Diff,
 ]
 
@@ -280,6 +292,11 @@ MAX_NODES = 256
 MAX_NESTING = MAX_DEPTH + 4
 #: Objects one fetch may ask for.
 MAX_FETCH = 10_000
+#: Bodies one C{msgs} frame may carry, and the bytes of bodies a sender puts
+#: in one: small enough that a receiver delivers a frame's messages in a
+#: few milliseconds of one turn.
+MAX_BUNDLE = 1024
+BUNDLE_BYTES = 64 * 1024
 _PREFIX = re.compile(r"\A[0-9a-f]{0,63}\Z")
 
 
@@ -427,6 +444,18 @@ def _message(p: dict[str, Any]) -> Message:
         id=_match(p["id"], _MESSAGE_ID, "id"),
         origin=_match(p["origin"], _NODE_ID, "origin"),
         body=p["body"],
+    )
+
+
+def _messages(p: dict[str, Any]) -> Messages:
+    _fields(p, "msgs", {"id", "origin", "bodies"})
+    bodies = p["bodies"]
+    if type(bodies) is not list or not 2 <= len(bodies) <= MAX_BUNDLE:
+        raise ProtocolViolation(f"bodies must be a list of 2 to {MAX_BUNDLE} messages")
+    return Messages(
+        id=_match(p["id"], _MESSAGE_ID, "id"),
+        origin=_match(p["origin"], _NODE_ID, "origin"),
+        bodies=tuple(bodies),
     )
 
 
@@ -604,6 +633,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], WireMessage]] = {
     "batch": _batch,
     "head": _head,
     "msg": _message,
+    "msgs": _messages,
     "fetch": _fetch,
     "objects": _objects_message,
     "refused": _refusal,
@@ -841,7 +871,28 @@ def message(message_id: str, origin: str, body: Any) -> bytes:
     """
     @raise ValueError: if C{body} is not JSON.
     """
-    return _encode("msg", id=message_id, origin=origin, body=body)
+    return message_frame(message_id, origin, [body_bytes(body)])
+
+
+def body_bytes(body: Any) -> bytes:
+    """
+    C{body} as a message frame carries it.
+
+    @raise ValueError: if C{body} is not JSON.
+    """
+    return _dumps(body).encode("utf-8")
+
+
+def message_frame(message_id: str, origin: str, bodies: list[bytes]) -> bytes:
+    """
+    A C{msg} frame for one body, or a C{msgs} frame for 2 to L{MAX_BUNDLE},
+    from the bodies' L{body_bytes}.
+    """
+    if len(bodies) == 1:
+        prefix, field = _dumps({"type": "msg", "id": message_id, "origin": origin}), b',"body":'
+        return b"".join([prefix[:-1].encode("utf-8"), field, bodies[0], b"}"])
+    prefix = _dumps({"type": "msgs", "id": message_id, "origin": origin})
+    return b"".join([prefix[:-1].encode("utf-8"), b',"bodies":[', b",".join(bodies), b"]}"])
 
 
 def fetch(request_id: int, hashes: list[str]) -> bytes:

@@ -229,6 +229,7 @@ SAMPLE_FRAMES = [
     _BATCH_2,
     wire.head_announcement(_HEAD),
     wire.message("m-1", "ab" * 16, {"text": "hi", "list": [1, 2.5, None]}),
+    wire.message_frame("m-2", "ab" * 16, [b'{"n":1}', b'"two"', b"[3]"]),
     wire.fetch(3, ["aa" * 32, "bb" * 32]),
     wire.objects(4, [b'{"a":1}', b'{"b":{"c":[]}}']),
     wire.refusal(5, "too busy"),
@@ -870,23 +871,26 @@ class DispatcherFuzzTests(NodeHarness, SynchronousTestCase):
 @st.composite
 def message_frames(draw: Callable) -> bytes:
     """
-    A valid msg frame: ids that repeat, origins that are the peers or the
-    node itself, bodies of any JSON, unicode, huge ints, or arrays nested
-    up to 100 deep (as deep as a table object may be).
+    A valid msg frame, or a msgs frame of 2 to 4 bodies: ids that repeat,
+    origins that are the peers or the node itself, bodies of any JSON,
+    unicode, huge ints, or arrays nested up to 100 deep (as deep as a table
+    object may be).
     """
-    frame = wire.message(draw(st.sampled_from(["m1", "m2", "m3"]) | message_ids),
-                         draw(st.sampled_from([FUZZER_ID, NEIGHBOUR_ID, SELF_ID]) | node_ids),
-                         draw(json_values | st.text(st.characters(codec="utf-8"))
-                              | st.sampled_from(["@"])))
+    bodies = draw(st.lists(json_values | st.text(st.characters(codec="utf-8"))
+                           | st.sampled_from(["@"]), min_size=1, max_size=4))
+    frame = wire.message_frame(
+        draw(st.sampled_from(["m1", "m2", "m3"]) | message_ids),
+        draw(st.sampled_from([FUZZER_ID, NEIGHBOUR_ID, SELF_ID]) | node_ids),
+        [wire.body_bytes(body) for body in bodies])
     depth = draw(st.integers(1, 100))
     return frame.replace(b'"@"', b"[" * depth + b"]" * depth)
 
 
 class MessageFloodTests(NodeHarness, SynchronousTestCase):
     """
-    Valid msg frames from two peers: each message id reaches the node's
-    observers at most once (never the node's own), is forwarded once to the
-    other peer and never back, and nobody is dropped.
+    Valid msg and msgs frames from two peers: each message id reaches the
+    node's observers at most once (never the node's own), is forwarded once
+    to the other peer and never back, and nobody is dropped.
     """
 
     @FUZZ
@@ -911,7 +915,9 @@ class MessageFloodTests(NodeHarness, SynchronousTestCase):
                 seen.add(message.id)  # type: ignore[union-attr]
                 expected_frames[not from_neighbour].append(frame)
                 if message.origin != node.node_id:  # type: ignore[union-attr]
-                    expected_bodies.append(message.body)  # type: ignore[union-attr]
+                    expected_bodies.extend(message.bodies  # type: ignore[union-attr]
+                                           if isinstance(message, wire.Messages)
+                                           else [message.body])  # type: ignore[union-attr]
         self.assertEqual([args[0] for args in recorder.named("message_received")],
                          expected_bodies)
         self.assertEqual([peer.received() for peer in peers], expected_frames)

@@ -31,6 +31,7 @@ from dtable.wire import (
     LogEntries,
     LogRequest,
     Message,
+    Messages,
     Objects,
     Ping,
     Pong,
@@ -185,6 +186,18 @@ class RoundTripTests(SynchronousTestCase):
     def test_message_of_any_json_body(self) -> None:
         for body in (None, 3, "text", [1, 2], True):
             self.assertEqual(wire.decode(wire.message("m", NODE, body)).body, body)
+
+    def test_messages(self) -> None:
+        """
+        Bodies sent together: one C{msgs} frame from the bodies' bytes, each
+        body as it was; a lone body makes a C{msg} frame.
+        """
+        bodies = [{"load": 0.3}, [1, "two", None], "ü", None]
+        frame = wire.message_frame("m-2", NODE, [wire.body_bytes(b) for b in bodies])
+        self.assertEqual(wire.decode(frame), Messages(id="m-2", origin=NODE, bodies=tuple(bodies)))
+        self.assertEqual(wire.message_frame("m-3", NODE, [wire.body_bytes({"a": 1})]),
+                         wire.message("m-3", NODE, {"a": 1}))
+        self.assertRaises(ValueError, wire.body_bytes, float("inf"))
 
     def test_message_body_not_json(self) -> None:
         """
@@ -564,6 +577,23 @@ class RejectionTests(SynchronousTestCase):
             frame({"type": "msg", "id": "m", "origin": "x", "body": None}),
             "origin is malformed",
         )
+
+    def test_messages_count_bounded(self) -> None:
+        """
+        A C{msgs} frame carries 2 to MAX_BUNDLE bodies in a list.
+        """
+        for bodies in ([], [1], list(range(wire.MAX_BUNDLE + 1)), {"a": 1}, "ab"):
+            self.assertViolation(frame({"type": "msgs", "id": "m", "origin": NODE,
+                                        "bodies": bodies}), "bodies must be a list")
+        for bodies in ([1, 2], list(range(wire.MAX_BUNDLE))):
+            self.assertEqual(wire.decode(frame({"type": "msgs", "id": "m", "origin": NODE,
+                                                "bodies": bodies})).bodies, tuple(bodies))
+        self.assertViolation(frame({"type": "msgs", "id": "m", "origin": "x", "bodies": [1, 2]}),
+                             "origin is malformed")
+        self.assertViolation(frame({"type": "msgs", "id": "", "origin": NODE, "bodies": [1, 2]}),
+                             "id is malformed")
+        self.assertViolation(frame({"type": "msgs", "id": "m", "origin": NODE, "body": [1, 2]}),
+                             "msgs")
 
     def test_bad_message_id(self) -> None:
         for bad in ("", "a" * 65, "a b", "ü", 5):
