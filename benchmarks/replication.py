@@ -113,6 +113,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shlex
 import shutil
@@ -128,7 +129,7 @@ from typing import Any, Callable
 
 from dtable import crypto
 from dtable.canonical import canonical_bytes
-from dtable.client import ApiClient, ApiClientError
+from dtable.client import ApiClient, ApiClientError, read_events
 from dtable.testing import free_ports, twistd_command
 
 import _common as common
@@ -415,36 +416,85 @@ class EventReader:
     being C{(kind, seq)} for a dict body and C{("string", prefix)} for a
     string body. The stream is open (the node subscribed) once the
     constructor returns; it ends when the node stops.
+
+    The driver shares the machine with the nodes, so the reader is cheap:
+    it takes what one read gives, up to its last whole event, finds the
+    C{{"kind": ..., "seq": ...}} bodies in it with one regular expression,
+    and parses the events of that block one by one only if some message
+    in it is not of that form. Every event of a block gets the block's
+    arrival time. Parsing each event took the driver 0.8 of the 2 cores
+    in a flood of 19,000 messages per second.
     """
+
+    _MESSAGE = b"event: message_received\n"
+    _SEQUENCED = re.compile(
+        rb'event: message_received\ndata: \{"body":\{"kind":"([0-9a-z_]+)","seq":([0-9]+)[,}]')
 
     def __init__(self, node: Node, idle_timeout: float) -> None:
         self.node = node
         self.arrivals: dict[tuple, float] = {}
         self._counts: dict[Any, int] = {}
         self.error: str | None = None
-        self._events = node.client().events(idle_timeout=idle_timeout)
+        self._connection = http.client.HTTPConnection("127.0.0.1", node.api_port,
+                                                      timeout=idle_timeout)
+        self._connection.request("GET", "/events", headers={
+            "Authorization": f"Bearer {node.token}", "Accept": "text/event-stream"})
+        self._response = self._connection.getresponse()
+        if self._response.status != 200:
+            raise ApiClientError(f"GET /events on {node.name}: HTTP {self._response.status}")
         self._thread = threading.Thread(target=self._read, daemon=True,
                                         name=f"events-{node.name}")
         self._thread.start()
 
     def _read(self) -> None:
+        # The unfinished event at the end of what was read, in pieces: a
+        # large message is joined once, not once per read.
+        pending: list[bytes] = []
         try:
-            for event, data in self._events:
-                if event != "message_received":
-                    continue
+            while True:
+                data = self._response.read1(65536)
+                if not data:
+                    return
                 now = time.time()
-                body = data.get("body") if isinstance(data, dict) else None
-                if isinstance(body, dict):
-                    key = (body.get("kind"), body.get("seq"))
-                elif isinstance(body, str):
-                    key = ("string", body[:40])
-                else:
+                # Where the last whole event ends, even if its blank line
+                # began in the previous read.
+                carried = pending[-1][-1:] if pending else b""
+                cut = (carried + data).rfind(b"\n\n") - len(carried) + 2
+                if cut < 2 - len(carried):
+                    pending.append(data)
                     continue
-                if key not in self.arrivals:
-                    self.arrivals[key] = now
-                    self._counts[key[0]] = self._counts.get(key[0], 0) + 1
-        except ApiClientError as e:
-            self.error = str(e)
+                block = b"".join([*pending, data[:cut]])
+                pending = [data[cut:]] if cut < len(data) else []
+                self._block(block, now)
+        except (OSError, http.client.HTTPException) as e:
+            self.error = f"the event stream of {self.node.name} failed: {e}"
+        finally:
+            self._connection.close()
+
+    def _block(self, block: bytes, now: float) -> None:
+        arrivals, counts = self.arrivals, self._counts
+        found = self._SEQUENCED.findall(block)
+        if len(found) == block.count(self._MESSAGE):
+            for kind, seq in found:
+                key = (kind.decode(), int(seq))
+                if key not in arrivals:
+                    arrivals[key] = now
+                    counts[key[0]] = counts.get(key[0], 0) + 1
+            return
+        lines = block.decode("utf-8", "replace").split("\n")
+        for event, data in read_events(lines):
+            if event != "message_received":
+                continue
+            body = json.loads(data).get("body")
+            if isinstance(body, dict):
+                key = (body.get("kind"), body.get("seq"))
+            elif isinstance(body, str):
+                key = ("string", body[:40])
+            else:
+                continue
+            if key not in arrivals:
+                arrivals[key] = now
+                counts[key[0]] = counts.get(key[0], 0) + 1
 
     def count(self, kind: str) -> int:
         # Kept as they arrive: wait_arrivals asks every 10 ms, and counting
