@@ -129,6 +129,18 @@ class _LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
 
+class _ApiSite(server.Site):
+    """
+    The API's site: requests are logged to the access log file if the node
+    has one (C{logPath}), and not otherwise (twisted.web would write them
+    to the process's log).
+    """
+
+    def log(self, request: server.Request) -> None:
+        if self.logPath:
+            super().log(request)
+
+
 class _Connection(ProtocolWrapper):
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
@@ -189,7 +201,10 @@ def make_site(node: "DistributedTable", token: str) -> tuple[ApiConnections, "Ap
     event streams).
     """
     root = ApiResource(node, token)
-    site = server.Site(root, reactor=node.reactor, timeout=300)
+    # The API takes JSON only: no parsing of form bodies (which would also
+    # parse every request's Content-Type with the email package).
+    site = _ApiSite(root, reactor=node.reactor, timeout=300,
+                    logPath=node.config.api_access_log, parsePOSTFormSubmission=False)
     site.requestFactory = _LimitedRequest
     site.max_body = max(1, node.config.max_frame // 2)
     site.displayTracebacks = False

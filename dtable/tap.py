@@ -115,6 +115,9 @@ class Options(usage.Options):
         ["api-token-file", None, None,
          "File holding the control API's bearer token (make one with: python -m dtable "
          "api-token -o api.token)."],
+        ["api-access-log", None, None,
+         "Append a line for every control API request (combined log format) to this "
+         "file; by default requests are not logged."],
         ["block-command", None, None,
          "Firewall: command run when an address or subnet is blocked, {address} replaced "
          "(e.g. \"iptables -I INPUT -s {address} -j DROP\"); run without a shell."],
@@ -193,6 +196,7 @@ class Options(usage.Options):
                 master_public_key=self["master-public-key"],
                 api=self["api"],
                 api_token_file=self["api-token-file"],
+                api_access_log=self["api-access-log"],
                 never_block=bool(self["never-block"]),
                 block_command=self["block-command"],
                 unblock_command=self["unblock-command"],

@@ -168,6 +168,43 @@ async def test_token_is_required(network):
 
 
 @pytest_twisted.ensureDeferred
+async def test_access_log_only_where_asked(tmp_path):
+    """
+    With api_access_log, every request is a line of that file; the node's
+    own log gets none, with it or without.
+    """
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    path = tmp_path / "access.log"
+    logged: list[str] = []
+
+    def observe(event: dict) -> None:
+        logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for options in ({"api_access_log": str(path)}, {}):
+            net = LocalNetwork(_reactor(), size=1, api="tcp:0:interface=127.0.0.1",
+                               api_token=TOKEN, **options)
+            await net.start()
+            try:
+                [node] = net.nodes
+                assert (await Client(node).call("GET", "/status"))[0] == 200
+                assert (await Client(node).call("GET", "/objects/" + "0" * 64))[0] == 404
+                assert (await Client(node).call("POST", "/messages", {"n": 1}))[0] == 200
+            finally:
+                await net.stop()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    lines = path.read_text().splitlines()
+    assert [line.split('"')[3] for line in lines] == [
+        "GET /status HTTP/1.1", "GET /objects/" + "0" * 64 + " HTTP/1.1",
+        "POST /messages HTTP/1.1"]
+    assert [line.split('"')[4].split()[0] for line in lines] == ["200", "404", "200"]
+    assert [line for line in logged if "HTTP/1.1" in line] == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_status_page_needs_no_token(network):
     code, headers, body = await Client(network.master, None).call("GET", "/")
     assert code == 200

@@ -258,8 +258,12 @@ class OptionsTests(KeyFileMixin, SynchronousTestCase):
         token = self.write_file("api.token", b"t" * 43 + b"\n")
         config = self.parse("-k", self.key_file, "--api", "8080",
                             "--api-token-file", token)["config"]
-        self.assertEqual((config.api, config.api_token_file), ("8080", token))
+        self.assertEqual((config.api, config.api_token_file, config.api_access_log),
+                         ("8080", token, None))
         self.assertIsNone(self.parse("-k", self.key_file)["config"].api)
+        config = self.parse("-k", self.key_file, "--api", "8080", "--api-token-file", token,
+                            "--api-access-log", "/var/log/dtable-api.log")["config"]
+        self.assertEqual(config.api_access_log, "/var/log/dtable-api.log")
 
     def test_bad_api_options(self) -> None:
         token = self.write_file("api.token", b"t" * 43)
