@@ -90,16 +90,16 @@ means the row measured the machine's total CPU rather than one node's
 latency, and a node's stall then includes time it waited for a core.
 
 Medians over C{--runs} runs, with min and max; the targets of the issue
-follow the table, judged on the medians. A row that does not finish
-within C{--timeout} seconds is recorded as failed with what each node had
-reached, the tail of the lagging nodes' logs is printed, and the run goes
-on; a failed row costs its whole
-timeout. Every node is stopped by its PID (SIGTERM, then SIGKILL after
-15 s), and the temporary directory is removed at the end (C{--keep-logs
-DIR} copies the node logs there first). With the defaults (sizes 10,000
-and 100,000, both topologies, all rows) a run takes some minutes on two
-cores. C{--sizes 1000000} takes minutes for that row alone and needs a
-longer C{--timeout}; C{--rows objects} leaves out rows 3 and 4.
+follow the table, judged on the medians. A row that does not finish within
+C{--timeout} seconds is recorded as failed with what each node had reached,
+the tail of the lagging nodes' logs is printed, and the run goes on; a
+failed row costs its whole timeout. Every node is stopped by its PID
+(SIGTERM, then SIGKILL after 15 s), and the temporary directory is removed
+at the end (C{--keep-logs DIR} copies the node logs there first). With the
+defaults (sizes 10,000 and 100,000, both topologies, all rows) a run takes
+some minutes on two cores. C{--sizes 1000000} takes minutes for that row
+alone and needs a longer C{--timeout}; C{--rows objects} leaves out rows 3
+and 4.
 
     python benchmarks/replication.py [--runs 3] [--sizes 10000,100000]
         [--topologies star,chain] [--rows objects,messages,large]

@@ -717,16 +717,21 @@ class BackgroundSqliteStore:
         found: dict[str, bytes] = {}
         # The newest pending commit that mentions a hash decides it. Set
         # operations, not a loop over the wanted hashes per commit: up to
-        # max_pending commits wait while a bulk load is gathered.
+        # max_pending commits wait while a bulk load is gathered. Each
+        # costs the smaller of the two sides (subtracting a commit's adds
+        # walked all of them, for every removal batch of a bulk removal).
         open_ = set(wanted)
         for entry in reversed(pending):
             if not open_:
                 break
             adds = entry.adds
-            for h in adds.keys() & open_:
+            hits = adds.keys() & open_
+            for h in hits:
                 found[h] = adds[h]
-            open_ -= adds.keys()
-            open_ -= entry.removes
+            open_ -= hits
+            removes = entry.removes
+            if removes:
+                open_ = open_ - removes
         rest = [h for h in wanted if h in open_]
         if rest:
             found.update(self._reader.get_many(rest))
