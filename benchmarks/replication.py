@@ -292,7 +292,8 @@ class Dechunk:
 
     def __init__(self) -> None:
         self._buffer = b""
-        #: Bytes of the current chunk still to come, then its CRLF.
+        #: Bytes of the current chunk still to come; -2 once they came and
+        #: its CRLF has not; 0 between chunks.
         self._left = 0
         self.done = False
 
@@ -306,7 +307,7 @@ class Dechunk:
         buffer = self._buffer + data if self._buffer else data
         pos = 0
         while not self.done:
-            if self._left:
+            if self._left > 0:
                 take = min(self._left, len(buffer) - pos)
                 if take == 0:
                     break
