@@ -64,7 +64,8 @@ the intended links, at one head, with the master ready.
    /status. These networks run with C{--max-frame} and
    C{--send-queue-limit} raised (268435456 by default) since the API takes
    bodies of up to max-frame / 2.
-5. Responsiveness: the worst reactor stall of every node during row 1.
+5. Responsiveness: the worst reactor stall of every node during row 1
+   (the target's row), and during row 2.
 6. Memory: each node's RSS (/status rss_bytes) at 0 objects, just before
    row 1, and right after it (once every node held N): bytes per object
    above that baseline, against the raw canonical JSON bytes per object.
@@ -915,6 +916,7 @@ class Bench:
             watch.join()
             row2["cpu"] = cpu.stop()
             self._times(row2, watch, len(doomed), target=left)
+            row2["stall"] = self.stalls(after, self.statuses(nodes))
 
         return self.section(f"objects-{n}", topology, [], body)
 
@@ -1258,6 +1260,8 @@ def rows(args: argparse.Namespace) -> list[Row]:
                 (f"   cores busy (of {os.cpu_count()})", at("row2", "cpu", "cores_busy"),
                  "{:.2f}"),
                 ("5. worst stall in row 1 (ms)", _stall("objects", str(n), "stall"), "{:.1f}"),
+                ("   worst stall in row 2 (ms)", _stall("objects", str(n), "row2", "stall"),
+                 "{:.1f}"),
                 ("6. RSS at 0 objects, master (MiB)",
                  at("memory", "rss0_master", scale=common.mib), "{:.1f}"),
                 ("   RSS at 0, replicas max (MiB)",
