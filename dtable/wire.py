@@ -23,7 +23,10 @@ import attrs
 
 from dtable.canonical import MAX_DEPTH
 
-PROTOCOL_VERSION = 1
+#: What the hello says; peers must speak the same. Version 2 added the
+#: msgs frame (messages sent together), which a version 1 node would take
+#: for a violation.
+PROTOCOL_VERSION = 2
 
 ROLES = ("link", "probe", "defrag")
 

@@ -329,9 +329,10 @@ class EarlyViolationTests(ProtocolTestMixin, SynchronousTestCase):
     def test_schema_violation(self) -> None:
         self.handshake()
         hello = peer_hello()
-        self.assertIn(b'"version":1,', hello)
-        self.feed(hello.replace(b'"version":1,', b'"version":2,'))
-        self.assertViolation("protocol version 2")
+        ours = b'"version":%d,' % wire.PROTOCOL_VERSION
+        self.assertIn(ours, hello)
+        self.feed(hello.replace(ours, b'"version":1,'))
+        self.assertViolation("protocol version 1 is not supported")
         self.assertIsNone(self.protocol.hello)
 
     def test_large_frame_before_hello(self) -> None:

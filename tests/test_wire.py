@@ -849,8 +849,9 @@ class RejectionTests(SynchronousTestCase):
         )
 
     def test_protocol_version(self) -> None:
-        self.assertViolation(frame(hello_json(version=2)),
-                             "protocol version 2 is not supported")
+        for other in (PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1):
+            self.assertViolation(frame(hello_json(version=other)),
+                                 f"protocol version {other} is not supported")
         self.assertViolation(frame(hello_json(version=0)), "version must be an integer")
         self.assertViolation(frame(hello_json(version="1")), "version must be an integer")
 
