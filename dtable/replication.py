@@ -122,11 +122,22 @@ class HeadSigner:
 class Change:
     """
     What one step did to the table: the objects that entered and left it.
+    C{removed} is empty if the replica was told nobody wants the objects
+    that leave (see L{Replica}); C{removed_count} is how many left.
     """
 
     head: Head
     added: list[dict]
     removed: list[dict]
+    removed_count: int
+
+
+def _loaded(data: dict[str, bytes] | None, hashes: list[str]) -> list[dict]:
+    """
+    The objects C{hashes} from their stored bytes; none if they were not
+    read (see L{Replica._removed_data}).
+    """
+    return [] if data is None else [load_stored(data[h]) for h in hashes]
 
 
 def _encode_adds(objects: Iterable[dict]) -> list[tuple[str, dict, bytes]]:
@@ -202,10 +213,19 @@ class Replica:
     """
 
     def __init__(self, table: Table, store: IStore, verifier: HeadVerifier,
-                 log: BatchLog | None = None) -> None:
+                 log: BatchLog | None = None,
+                 removed_wanted: Callable[[], bool] = lambda: True) -> None:
+        """
+        @param removed_wanted: whether the objects that leave the table are
+            wanted (for object_removed events) at the time of a step; they
+            are read from the store only then. A removal of 1,500 objects
+            read them on the reactor thread, competing with the store's
+            writer thread for the interpreter: 100-250 ms stalls.
+        """
         self.table = table
         self._store = store
         self._verifier = verifier
+        self._removed_wanted = removed_wanted
         self.log = log if log is not None else BatchLog(1000, 16 * 1024 * 1024)
         self.head: Head = Head(rev=0, base=0, root=EMPTY_ROOT)
 
@@ -341,7 +361,7 @@ class Replica:
             # is removed too.
             gone = set(removes)
             adds = [a for a in adds if a[0] not in gone]
-        removed_data = self._store.get_many(removes)
+        removed_data = self._removed_data(removes)
         # Adds of other hashes the table holds are left out by apply.
         added, _ = self.table.apply([h for h, _, _ in adds], removes)
         if len(added) < len(adds):
@@ -355,11 +375,11 @@ class Replica:
         frame = wire.batch(head, [data for _, _, data in adds], removes)
         self.log.append(head, frame)
         return Change(head=head, added=[obj for _, obj, _ in adds],
-                      removed=[load_stored(removed_data[h]) for h in removes]), frame
+                      removed=_loaded(removed_data, removes), removed_count=len(removes)), frame
 
     def _step(self, head: Head, adds: list[tuple[str, dict, bytes]],
               removes: list[str]) -> Change:
-        removed_data = self._store.get_many(h for h in removes if h in self.table)
+        removed_data = self._removed_data([h for h in removes if h in self.table])
         added, removed = self.table.apply([h for h, _, _ in adds], removes)
         if self.table.root() != head.root:
             # Undo: the table is left exactly as it was.
@@ -369,7 +389,16 @@ class Replica:
         adds = [a for a in adds if a[0] in new]
         self._commit(head, adds, removed)
         return Change(head=head, added=[obj for _, obj, _ in adds],
-                      removed=[load_stored(removed_data[h]) for h in removed])
+                      removed=_loaded(removed_data, removed), removed_count=len(removed))
+
+    def _removed_data(self, removes: list[str]) -> dict[str, bytes] | None:
+        """
+        The stored bytes of the objects about to leave, or None if they are
+        not wanted.
+        """
+        if not removes:
+            return {}
+        return self._store.get_many(removes) if self._removed_wanted() else None
 
     def _commit(self, head: Head, adds: list[tuple[str, dict, bytes]],
                 removes: list[str]) -> None:

@@ -34,7 +34,7 @@ from dtable.canonical import (
     InvalidObjectError, canonical_bytes, hash_bytes, is_hash,
 )
 from dtable.config import Config, ConfigError, master_signing_key
-from dtable.interfaces import IStore, ITableObserver
+from dtable.interfaces import IStore, ITableObserver, TableObserver
 from dtable.firewall import Firewall, FirewallEvent
 from dtable.health import StallProbe, memory_report, rss_bytes
 from dtable.hostfirewall import run_command
@@ -117,11 +117,11 @@ def _is_ip(host: str) -> bool:
 @implementer(ITableObserver)
 class _CallbackObserver:
     def __init__(self, event: str, callback: Callable[..., None]) -> None:
-        self._event = event
+        self.event = event
         self._callback = callback
 
     def __getattr__(self, name: str) -> Callable[..., None]:
-        if name == self._event:
+        if name == self.event:
             return self._callback
         if name in EVENTS:
             return lambda *args: None
@@ -330,6 +330,20 @@ class DistributedTable(MultiService):
         log.error("{origin}: {error}", origin=origin, error=error_string)
         self._emit("error", error_string, origin, obj)
         self._changed()
+
+    def _removals_observed(self) -> bool:
+        """
+        Whether an observer takes object_removed events (one that inherits
+        TableObserver's, which does nothing, does not).
+        """
+        for observer in self._observers:
+            if isinstance(observer, _CallbackObserver):
+                if observer.event == "object_removed":
+                    return True
+            elif getattr(type(observer), "object_removed", None) is not \
+                    TableObserver.object_removed:
+                return True
+        return False
 
     def _emit_change(self, change: Change) -> None:
         for obj in change.removed:
@@ -666,7 +680,8 @@ class DistributedTable(MultiService):
         self._store.open()
         self._replica = Replica(
             self.table, self._store, verifier,
-            BatchLog(self.config.log_max_batches, self.config.log_max_bytes))
+            BatchLog(self.config.log_max_batches, self.config.log_max_bytes),
+            removed_wanted=self._removals_observed)
         self._load()
         self._window = BatchWindow(self.reactor, self.config.batch_window,
                                    self.config.batch_max_ops, self._publish)
@@ -1581,7 +1596,7 @@ class DistributedTable(MultiService):
             return
         self.counters[f"catch_ups_{how}"] += 1
         added = sum(len(c.added) for c in changes)
-        removed = sum(len(c.removed) for c in changes)
+        removed = sum(c.removed_count for c in changes)
         log.info("caught up from {peer_id} by {how}: revision {old} -> {rev}, "
                  "+{added} -{removed} objects",
                  peer_id=link.node_id, how=how, old=start_rev, rev=self.head.rev,

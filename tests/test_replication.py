@@ -252,11 +252,48 @@ class PublishAndApplyTests(SynchronousTestCase):
         assert result is not None
         change, frame = result
         self.assertEqual(change.added, [D])
-        self.assertEqual(change.removed, [A, C])
+        self.assertEqual((change.removed, change.removed_count), ([A, C], 2))
         self.assertEqual(dict(self.master_store.items()),
                          {h(B): canonical_bytes(B), h(D): canonical_bytes(D)})
         self.assertEqual(self.master.log.since(1), [frame])
         self.assertEqual(len(self.master.log), 2)
+
+    def test_removed_objects_read_only_if_wanted(self) -> None:
+        """
+        A replica told that nobody wants the objects that leave does not
+        read them from its store (on the master or a follower), and counts
+        them all the same; once they are wanted again, it reads them.
+        """
+        wanted = [False]
+        reads: list[list[str]] = []
+
+        class CountingStore(MemoryStore):
+            def get_many(self, hs: Any) -> dict[str, bytes]:
+                hs = list(hs)
+                reads.append(hs)
+                return super().get_many(hs)
+
+        def replica() -> tuple[Replica, MemoryStore]:
+            store = CountingStore()
+            store.open()
+            return Replica(Table(), store, verifier_for(self.net),
+                           removed_wanted=lambda: wanted[0]), store
+
+        self.master, self.master_store = replica()
+        follower, follower_store = replica()
+        follower.apply_batch(decode_batch(self.publish([A, B, C], [])))
+        result = self.master.publish(self.signer, [], [h(A), h(B)])
+        assert result is not None
+        change, frame = result
+        self.assertEqual((change.removed, change.removed_count), ([], 2))
+        change = follower.apply_batch(decode_batch(frame))
+        self.assertEqual((change.removed, change.removed_count), ([], 2))
+        self.assertEqual(reads, [])
+        self.assertSameState(follower, follower_store)
+        wanted[0] = True
+        change = follower.apply_batch(decode_batch(self.publish([], [C])))
+        self.assertEqual((change.removed, change.removed_count), ([C], 1))
+        self.assertEqual(reads, [[h(C)], [h(C)]])
 
     def test_publish_nothing(self) -> None:
         self.assertIsNone(self.master.publish(self.signer, [], []))

@@ -7,11 +7,14 @@ from __future__ import annotations
 from twisted.internet.defer import CancelledError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from dtable import crypto, service
 from dtable.canonical import InvalidObjectError, object_hash
+from dtable.interfaces import ITableObserver, TableObserver
 from dtable.service import DistributedTable, NotMasterError
-from dtable.testing import FAST, next_turn
+from dtable.store import MemoryStore
+from dtable.testing import FAST, Recorder, next_turn
 
 
 def _node(master: bool = True) -> DistributedTable:
@@ -94,3 +97,89 @@ class AddObjectsCooperativelyTests(SynchronousTestCase):
         self.failureResultOf(d, CancelledError)
         self.assertEqual(len(self.node), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RemovedObjectsTests(SynchronousTestCase):
+    """
+    The objects that leave the table are read from the store only when an
+    observer takes object_removed events.
+    """
+
+    def setUp(self) -> None:
+        self.reads: list[list[str]] = []
+        reads = self.reads
+
+        class CountingStore(MemoryStore):
+            def get_many(self, hs):
+                hs = list(hs)
+                reads.append(hs)
+                return super().get_many(hs)
+
+        self.node = DistributedTable(port=0, key=crypto.generate_network_key(), master=True,
+                                     reactor=MemoryReactorClock(), store=CountingStore(),
+                                     **{**FAST, "master_sync_timeout": 0})
+        self.node.startService()
+        self.successResultOf(self.node.when_started())
+        self.addCleanup(lambda: self.successResultOf(self.node.stopService()))
+
+    def remove_one(self, n: int) -> list[str]:
+        """
+        Add and publish {"n": n}, remove it, publish; the reads that took.
+        """
+        h = self.node.add_object({"n": n})
+        self.successResultOf(self.node.flush())
+        del self.reads[:]
+        self.node.remove_object(h)
+        self.successResultOf(self.node.flush())
+        return [h for read in self.reads for h in read]
+
+    def test_nobody_listens(self) -> None:
+        class Adds(TableObserver):
+            def object_added(self, obj: dict) -> None:
+                pass
+
+        self.node.subscribe(TableObserver())
+        self.node.subscribe(Adds())
+        self.node.on("object_added", lambda obj: None)
+        self.assertEqual(self.remove_one(1), [])
+        self.assertEqual(len(self.node), 0)
+
+    def test_listeners(self) -> None:
+        """
+        An on("object_removed") callback, an observer that overrides
+        object_removed, or one that provides ITableObserver without
+        TableObserver gets the object, read from the store.
+        """
+        @implementer(ITableObserver)
+        class Bare:
+            def __init__(self) -> None:
+                self.removed: list[dict] = []
+
+            def started(self) -> None:
+                pass
+
+            def object_added(self, obj: dict) -> None:
+                pass
+
+            def object_removed(self, obj: dict) -> None:
+                self.removed.append(obj)
+
+            def message_received(self, msg: object) -> None:
+                pass
+
+            def error(self, error_string: str, origin: str, obj: object) -> None:
+                pass
+
+        got: list[dict] = []
+        unsubscribe = self.node.on("object_removed", got.append)
+        self.assertEqual(len(self.remove_one(1)), 1)
+        unsubscribe()
+        recorder = Recorder()
+        unsubscribe = self.node.subscribe(recorder)
+        self.assertEqual(len(self.remove_one(2)), 1)
+        unsubscribe()
+        bare = Bare()
+        self.node.subscribe(bare)
+        self.assertEqual(len(self.remove_one(3)), 1)
+        self.assertEqual((got, recorder.named("object_removed"), bare.removed),
+                         ([{"n": 1}], [({"n": 2},)], [{"n": 3}]))
