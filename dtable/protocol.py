@@ -111,17 +111,33 @@ class ILinkHub(Interface):
         """
 
 
+#: The most of one frame handed to the transport at once. TLS encrypts what
+#: it is given in the turn it is given: a 64 MB frame written whole held
+#: the reactor for 100 ms and more per link. Written in pieces, the
+#: transport's own back-pressure (it pauses its producer when its buffer
+#: fills) spreads a large frame over many turns.
+SEND_PIECE = 1024 * 1024
+
+
 @implementer(IPushProducer)
 class SendQueue:
     """
-    The outbound side of one link: writes go straight to the transport while
-    it keeps up; when the transport asks its producer to pause, frames wait
-    here, and a peer that lets more than C{limit} bytes pile up is dropped
-    rather than allowed to grow this node's memory.
+    The outbound side of one link: frames, each with its length prefix, go
+    straight to the transport while it keeps up; when the transport asks
+    its producer to pause, frames wait here, and a peer that lets more than
+    C{limit} bytes pile up is dropped rather than allowed to grow this
+    node's memory.
+
+    A frame longer than L{SEND_PIECE} is written a piece at a time, the
+    next piece when the transport asks for more. What is left of a frame
+    being written counts as written (the transport used to hold it), not
+    as queued: the limit is on whole frames waiting behind it.
 
     A separate object from the protocol, because a protocol's own
     pauseProducing/resumeProducing are about the inbound side.
     """
+
+    _PREFIX = struct.Struct("!I")
 
     def __init__(self, write: Callable[[bytes], None], limit: int,
                  overflow: Callable[[int], None]) -> None:
@@ -129,38 +145,68 @@ class SendQueue:
         self._limit = limit
         self._overflow = overflow
         self._queue: deque[bytes] = deque()
+        #: A frame being written in pieces, and how much of it is written.
+        self._rest: bytes | None = None
+        self._rest_at = 0
         self.queued_bytes = 0
         self.paused = False
         self._stopped = False
 
-    def send(self, data: bytes) -> bool:
+    def send(self, frame: bytes) -> bool:
         """
-        Write C{data} or queue it; False if the link queues nothing more.
+        Write C{frame} with its length prefix, or queue it; False if the
+        link queues nothing more.
         """
         if self._stopped:
             return False
-        if not self.paused and not self._queue:
-            self._write(data)
+        if not self.paused and not self._queue and self._rest is None:
+            self._start(frame)
             return True
-        self._queue.append(data)
-        self.queued_bytes += len(data)
+        self._queue.append(frame)
+        self.queued_bytes += len(frame) + 4
         if self.queued_bytes > self._limit:
             self._overflow(self.queued_bytes)
         return True
+
+    def _start(self, frame: bytes) -> None:
+        prefix = self._PREFIX.pack(len(frame))
+        if len(frame) <= SEND_PIECE:
+            self._write(prefix + frame)
+        else:
+            # Not prefix + frame: that copies all of it for four bytes.
+            self._write(prefix + frame[:SEND_PIECE])
+            self._continue(frame, SEND_PIECE)
+
+    def _continue(self, frame: bytes, at: int) -> None:
+        """
+        Write C{frame} from C{at} until it is all written or the transport
+        pauses; keep the rest for L{resumeProducing}.
+        """
+        end = len(frame)
+        while at < end and not self.paused and not self._stopped:
+            self._write(frame[at:at + SEND_PIECE])
+            at += SEND_PIECE
+        if at < end and not self._stopped:
+            self._rest, self._rest_at = frame, at
+        else:
+            self._rest = None
 
     def pauseProducing(self) -> None:
         self.paused = True
 
     def resumeProducing(self) -> None:
         self.paused = False
-        while self._queue and not self.paused and not self._stopped:
-            data = self._queue.popleft()
-            self.queued_bytes -= len(data)
-            self._write(data)
+        if self._rest is not None:
+            self._continue(self._rest, self._rest_at)
+        while self._queue and self._rest is None and not self.paused and not self._stopped:
+            frame = self._queue.popleft()
+            self.queued_bytes -= len(frame) + 4
+            self._start(frame)
 
     def stopProducing(self) -> None:
         self._stopped = True
         self._queue.clear()
+        self._rest = None
         self.queued_bytes = 0
 
     def finish(self) -> None:
@@ -168,10 +214,13 @@ class SendQueue:
         The link is closing politely: hand what is queued to the transport
         (which buffers it) and queue nothing more.
         """
+        if self._rest is not None and not self._stopped:
+            self._write(self._rest[self._rest_at:])
+            self._rest = None
         while self._queue and not self._stopped:
-            data = self._queue.popleft()
-            self.queued_bytes -= len(data)
-            self._write(data)
+            frame = self._queue.popleft()
+            self.queued_bytes -= len(frame) + 4
+            self._write(self._PREFIX.pack(len(frame)) + frame)
         self._stopped = True
 
 
@@ -526,7 +575,7 @@ class PeerProtocol(FrameReceiver):
         """
         if len(string) > 0xFFFFFFFF:
             raise StringTooLongError(f"a frame of {len(string)} bytes cannot be sent")
-        if self._sender.send(struct.pack("!I", len(string)) + string):
+        if self._sender.send(string):
             self.bytes_sent += len(string) + 4
             self.frames_sent += 1
             traffic = self.hub.traffic

@@ -24,7 +24,9 @@ from zope.interface.verify import verifyObject
 from dtable import crypto, wire
 from dtable.config import Config
 from dtable.interfaces import IPeerLink
-from dtable.protocol import ILinkHub, PeerProtocol, RequestFailed, RequestRefused, Traffic
+from dtable.protocol import (
+    SEND_PIECE, ILinkHub, PeerProtocol, RequestFailed, RequestRefused, SendQueue, Traffic,
+)
 from dtable.store import empty_head
 from dtable.testing import next_turn
 from dtable.wire import ProtocolViolation
@@ -145,6 +147,24 @@ class TLSStringTransport(StringTransport):
     def abortConnection(self) -> None:
         self.aborted = True
         self.disconnecting = True
+
+
+class FillingTransport(TLSStringTransport):
+    """
+    A transport that, once C{fill} is set, pauses its producer after every
+    write, and records the length of each write.
+    """
+
+    def __init__(self, peer_certificate: Any) -> None:
+        super().__init__(peer_certificate)
+        self.fill = False
+        self.writes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes.append(len(data))
+        if self.fill:
+            self.producer.pauseProducing()
 
 
 class ProtocolTestMixin:
@@ -858,3 +878,91 @@ class BackpressureTests(ProtocolTestMixin, SynchronousTestCase):
         self.assertEqual(self.hub.named("violation"), [])
         self.protocol.send_frame(frame)
         self.assertViolation("does not read", "1000")
+
+    def fill_on_write(self, send_queue_limit: int = CONFIG.send_queue_limit) -> list[int]:
+        """
+        A new live link whose transport pauses its producer after every
+        write, as a TCP transport does once its buffer passes its size;
+        returns the lengths written, as they are written.
+        """
+        config = Config(ping_interval=1.0, send_queue_limit=send_queue_limit,
+                        hello_max_frame=1024, max_frame=64 * 1024)
+        self.protocol = PeerProtocol(self.hub, self.clock, config, outbound=False)
+        self.transport = FillingTransport(certificate(PEER_ID))
+        self.protocol.makeConnection(self.transport)
+        self.go_live()
+        self.transport.writes.clear()
+        self.transport.fill = True
+        return self.transport.writes
+
+    def test_large_frame_written_in_pieces_as_the_transport_drains(self) -> None:
+        written = self.fill_on_write()
+        frame = big_message(2 * SEND_PIECE + 100)
+        small = wire.ping(7)
+        self.protocol.send_frame(frame)
+        self.protocol.send_frame(small)
+        self.assertEqual(written, [4 + SEND_PIECE])
+        for _ in range(3):
+            self.transport.producer.resumeProducing()
+        self.assertEqual(written, [4 + SEND_PIECE, SEND_PIECE, 100, 4 + len(small)])
+        self.assertEqual(self.sent(), [frame, small])
+
+    def test_rest_of_a_frame_is_not_counted_as_queued(self) -> None:
+        """
+        A frame longer than the queue's cap can be sent: what is left of
+        it is the transport's, and only whole frames behind it count.
+        """
+        self.fill_on_write(send_queue_limit=SEND_PIECE)
+        self.protocol.send_frame(big_message(3 * SEND_PIECE))
+        self.transport.producer.resumeProducing()
+        self.protocol.send_frame(big_message(SEND_PIECE // 2))
+        self.assertEqual(self.hub.named("violation"), [])
+        self.protocol.send_frame(big_message(SEND_PIECE // 2 + 10))
+        self.assertViolation("does not read", str(SEND_PIECE + 18))
+
+
+class SendQueueTests(SynchronousTestCase):
+    """
+    L{SendQueue} on its own, with a list for the transport.
+    """
+
+    def setUp(self) -> None:
+        self.written: list[bytes] = []
+        self.overflows: list[int] = []
+        self.queue = SendQueue(self.written.append, 10 * SEND_PIECE, self.overflows.append)
+
+    def test_frame_of_one_piece_written_whole(self) -> None:
+        self.queue.send(b"x" * SEND_PIECE)
+        self.assertEqual([len(w) for w in self.written], [4 + SEND_PIECE])
+
+    def test_unpaused_transport_takes_every_piece_at_once(self) -> None:
+        frame = bytes(range(256)) * (SEND_PIECE // 128 + 1)
+        self.queue.send(frame)
+        self.assertEqual([len(w) for w in self.written],
+                         [4 + SEND_PIECE, SEND_PIECE, len(frame) - 2 * SEND_PIECE])
+        self.assertEqual(b"".join(self.written), struct.pack("!I", len(frame)) + frame)
+
+    def test_finish_writes_the_rest_then_the_queue(self) -> None:
+        self.queue.send(b"a")
+        self.queue.pauseProducing()
+        self.queue.resumeProducing()
+        self.written.clear()
+        frame = b"b" * (3 * SEND_PIECE)
+        self.queue._write = lambda data: (self.written.append(data), self.queue.pauseProducing())
+        self.queue.send(frame)
+        self.queue.send(b"c")
+        self.assertEqual(self.queue.queued_bytes, 5)
+        self.queue.finish()
+        self.assertEqual(b"".join(self.written),
+                         length_prefixed(frame) + length_prefixed(b"c"))
+        self.assertFalse(self.queue.send(b"d"))
+
+    def test_stop_drops_the_rest(self) -> None:
+        self.queue._write = lambda data: (self.written.append(data), self.queue.pauseProducing())
+        self.queue.send(b"b" * (3 * SEND_PIECE))
+        self.queue.send(b"c")
+        self.queue.stopProducing()
+        self.queue.resumeProducing()
+        self.assertEqual([len(w) for w in self.written], [4 + SEND_PIECE])
+        self.assertEqual(self.queue.queued_bytes, 0)
+        self.assertEqual(self.overflows, [])
