@@ -353,25 +353,34 @@ def _objects(value: Any, name: str) -> tuple[dict, ...]:
     for item in items:
         if type(item) is not dict:
             raise ProtocolViolation(f"{name} must hold JSON objects")
-    raw = _raw(items)
-    for item, text in zip(items, raw or ()):
-        if (text.count("{") + text.count("[") > MAX_DEPTH
-                and nested_deeper_than(item, MAX_DEPTH)):
+    raw = _raw(items) or ()
+    brace, bracket = (b"{", b"[") if raw and type(raw[0]) is bytes else ("{", "[")
+    for item, text in zip(items, raw):
+        if len(text) < _FIND_FROM:
+            deep = text.count(brace) + text.count(bracket) > MAX_DEPTH  # type: ignore[arg-type]
+        else:
+            deep = openers_over(text, 0, len(text), MAX_DEPTH)
+        if deep and nested_deeper_than(item, MAX_DEPTH):
             raise ProtocolViolation(f"{name} holds an object nested deeper than "
                                     f"{MAX_DEPTH} levels")
     return tuple(items)
 
 
-def _raw(items: list[Any]) -> list[str] | None:
+def _raw(items: list[Any]) -> list[str | bytes] | None:
     """
-    The texts the items of a list arrived as, if it was parsed from a frame.
+    The texts the items of a list arrived as, if it was parsed from a frame:
+    the frame's own bytes when it is ASCII, else its decoded text.
     """
     return items.raw if type(items) is _Spanned else None
 
 
 def _raw_bytes(items: list[Any]) -> tuple[bytes, ...] | None:
     raw = _raw(items)
-    return None if raw is None else tuple(text.encode("utf-8") for text in raw)
+    if raw is None:
+        return None
+    if not raw or type(raw[0]) is bytes:
+        return tuple(raw)  # type: ignore[arg-type]
+    return tuple(text.encode("utf-8") for text in raw)  # type: ignore[union-attr]
 
 
 def parse_head(value: Any) -> Head:
@@ -643,6 +652,36 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], WireMessage]] = {
 }
 
 
+#: Below this many characters a text's brackets are counted; above it they
+#: are found, which is memchr and an order of magnitude faster per byte
+#: but a call per bracket.
+_FIND_FROM = 4096
+
+
+def openers_over(text: str | bytes, start: int, end: int, levels: int) -> bool:
+    """
+    Whether C{text[start:end]} holds more than C{levels} "{" and "["
+    together: if not, nothing in it can be nested deeper than C{levels}.
+    Brackets inside strings count too, so True only means the parsed value
+    must be looked at (L{nested_deeper_than}).
+    """
+    if type(text) is str:
+        brace, bracket = "{", "["
+    else:
+        brace, bracket = b"{", b"["
+    if end - start < _FIND_FROM:
+        return text.count(brace, start, end) + text.count(bracket, start, end) > levels  # type: ignore[arg-type]
+    found = 0
+    for opener in (brace, bracket):
+        at = text.find(opener, start, end)  # type: ignore[arg-type]
+        while at >= 0:
+            found += 1
+            if found > levels:
+                return True
+            at = text.find(opener, at + 1, end)  # type: ignore[arg-type]
+    return False
+
+
 def nested_deeper_than(value: Any, levels: int) -> bool:
     """
     Whether C{value} (decoded JSON) holds arrays or objects nested more than
@@ -665,7 +704,7 @@ def decode(frame: bytes) -> WireMessage:
         type's schema.
     """
     try:
-        payload = _parse_frame(frame.decode("utf-8"))
+        payload = _parse_frame(frame.decode("utf-8"), frame)
     except _TooDeep:
         raise ProtocolViolation(f"frame is nested deeper than {MAX_NESTING} levels") from None
     except (ValueError, RecursionError) as e:
@@ -700,7 +739,7 @@ class _Spanned(list):  # type: ignore[type-arg]
 
     def __init__(self) -> None:
         super().__init__()
-        self.raw: list[str] = []
+        self.raw: list[str | bytes] = []
 
 
 class _TooDeep(Exception):
@@ -719,17 +758,23 @@ _SPANNED: dict[str, dict | None] = {
 _SPANNED_NAMES = tuple(f'"{name}"' for name in _SPANNED)
 
 
-def _parse_frame(text: str) -> Any:
+def _parse_frame(text: str, frame: bytes | None = None) -> Any:
+    """
+    The frame's payload, from its decoded C{text}; C{frame}, its bytes, if
+    the kept item texts may be sliced from them (when the text is ASCII,
+    its positions are the bytes' positions).
+    """
     pos = _skip_space(text, 0).end()
     if not text.startswith("{", pos) or not any(name in text for name in _SPANNED_NAMES):
         # No list to keep the texts of (most frames: pings, messages):
         # parsed whole, then its nesting bounded as for any value.
         payload = _loads(text)
-        if (text.count("{") + text.count("[") > MAX_NESTING
+        if (openers_over(text, 0, len(text), MAX_NESTING)
                 and nested_deeper_than(payload, MAX_NESTING)):
             raise _TooDeep()
         return payload
-    payload, pos = _scan_object(text, pos, _SPANNED, 1)
+    source: str | bytes = frame if type(frame) is bytes and text.isascii() else text
+    payload, pos = _scan_object(text, source, pos, _SPANNED, 1)
     if _skip_space(text, pos).end() != len(text):
         raise ValueError(f"extra data after the frame's object at {pos}")
     return payload
@@ -746,17 +791,18 @@ def _scan_value(text: str, pos: int, depth: int) -> tuple[Any, int]:
     except StopIteration:
         raise ValueError(f"expecting a value at {pos}") from None
     levels = MAX_NESTING - depth
-    if (text.count("{", pos, end) + text.count("[", pos, end) > levels
-            and nested_deeper_than(value, levels)):
+    if openers_over(text, pos, end, levels) and nested_deeper_than(value, levels):
         raise _TooDeep()
     return value, end
 
 
-def _scan_object(text: str, pos: int, spanned: dict[str, dict | None] | None,
+def _scan_object(text: str, source: str | bytes, pos: int,
+                 spanned: dict[str, dict | None] | None,
                  depth: int) -> tuple[dict[str, Any], int]:
     """
     The object at C{pos} (its "{"), and where it ends. Repeated keys keep
-    the last value, as the JSON decoder does.
+    the last value, as the JSON decoder does. Kept item texts are sliced
+    from C{source}: C{text}, or the frame's bytes when they are the same.
     """
     obj: dict[str, Any] = {}
     pos = _skip_space(text, pos + 1).end()
@@ -771,7 +817,7 @@ def _scan_object(text: str, pos: int, spanned: dict[str, dict | None] | None,
             raise ValueError(f"expecting ':' at {pos}")
         pos = _skip_space(text, pos + 1).end()
         if spanned is not None and key in spanned and text.startswith("[", pos):
-            obj[key], pos = _scan_list(text, pos, spanned[key], depth + 1)
+            obj[key], pos = _scan_list(text, source, pos, spanned[key], depth + 1)
         else:
             obj[key], pos = _scan_value(text, pos, depth)
         pos = _skip_space(text, pos).end()
@@ -783,7 +829,8 @@ def _scan_object(text: str, pos: int, spanned: dict[str, dict | None] | None,
             raise ValueError(f"expecting ',' or '}}' at {pos}")
 
 
-def _scan_list(text: str, pos: int, items_spanned: dict[str, dict | None] | None,
+def _scan_list(text: str, source: str | bytes, pos: int,
+               items_spanned: dict[str, dict | None] | None,
                depth: int) -> tuple[_Spanned, int]:
     """
     The list at C{pos} (its "["), keeping each item's text. This is the
@@ -793,24 +840,27 @@ def _scan_list(text: str, pos: int, items_spanned: dict[str, dict | None] | None
     items = _Spanned()
     append, keep = items.append, items.raw.append
     levels = MAX_NESTING - depth
-    count = text.count
+    count, find_from = text.count, _FIND_FROM
     pos = _skip_space(text, pos + 1).end()
     if text.startswith("]", pos):
         return items, pos + 1
     while True:
         start = pos
         if items_spanned is not None and text.startswith("{", pos):
-            item, pos = _scan_object(text, pos, items_spanned, depth + 1)
+            item, pos = _scan_object(text, source, pos, items_spanned, depth + 1)
         else:
             try:
                 item, pos = _scan_once(text, pos)
             except StopIteration:
                 raise ValueError(f"expecting a value at {pos}") from None
-            if (count("{", start, pos) + count("[", start, pos) > levels
-                    and nested_deeper_than(item, levels)):
+            if pos - start < find_from:
+                deep = count("{", start, pos) + count("[", start, pos) > levels
+            else:
+                deep = openers_over(text, start, pos, levels)
+            if deep and nested_deeper_than(item, levels):
                 raise _TooDeep()
         append(item)
-        keep(text[start:pos])
+        keep(source[start:pos])
         delimiter = text[pos:pos + 1]
         if delimiter in _SPACE:
             pos = _skip_space(text, pos).end()

@@ -166,6 +166,36 @@ class RoundTripTests(SynchronousTestCase):
         [obj] = wire.decode(wire.batch(SIGNED, [fits], [])).adds
         self.assertEqual(canonical_bytes(obj), fits)
 
+    def test_large_objects_nested_too_deep(self) -> None:
+        """
+        Past a few KiB an object's brackets are found rather than counted:
+        the limit holds the same, and brackets in its strings are no levels.
+        """
+        pad = "p" * 10_000
+        deep = (f'{{"pad":"{pad}","a":'.encode() + b"[" * MAX_DEPTH
+                + b"]" * MAX_DEPTH + b"}")
+        self.assertRaises(ProtocolViolation, wire.decode, wire.batch(SIGNED, [deep], []))
+        frame = wire.objects(1, [deep])
+        self.assertRaises(ProtocolViolation, wire.decode, frame)
+        fits = (b'{"a":' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1)
+                + f',"pad":"{pad}"}}'.encode())
+        [obj] = wire.decode(wire.batch(SIGNED, [fits], [])).adds
+        self.assertEqual(canonical_bytes(obj), fits)
+        brackets = canonical_bytes({"s": "[{" * 5000, "t": [[1]]})
+        message = wire.decode(wire.batch(SIGNED, [brackets], []))
+        self.assertEqual(message.add_data, (brackets,))
+
+    def test_bytes_kept_from_text_that_is_not_ascii(self) -> None:
+        """
+        An ASCII frame's objects are sliced from its bytes; any other
+        frame's from its text, encoded again: the same bytes either way.
+        """
+        for value in ("ascii", "ü", "\u2603 snow", "\U0001f600"):
+            data = [canonical_bytes({"v": value}), canonical_bytes({"w": [value] * 3})]
+            message = wire.decode(wire.batch(SIGNED, data, []))
+            self.assertEqual(message.add_data, tuple(data))
+            self.assertEqual([type(d) for d in message.add_data], [bytes, bytes])
+
     def test_empty_batch(self) -> None:
         message = wire.decode(wire.batch(SIGNED, [], []))
         self.assertEqual(message, Batch(head=SIGNED, adds=(), removes=()))
@@ -1245,6 +1275,25 @@ class NestingTests(SynchronousTestCase):
     def test_brackets_inside_strings_are_not_levels(self) -> None:
         frame = wire.message("m", "a" * 32, "[" * 500 + "{" * 500)
         self.assertIsInstance(wire.decode(frame), wire.Message)
+
+    def test_large_message_one_level_more_is_refused(self) -> None:
+        padded = b'{"pad":"' + b"p" * 10_000 + b'","b":'
+        deepest = wire.message("m", "a" * 32, "@").replace(
+            b'"@"', padded + b"[" * (wire.MAX_NESTING - 2) + b"]" * (wire.MAX_NESTING - 2) + b"}")
+        self.assertIsInstance(wire.decode(deepest), wire.Message)
+        deeper = wire.message("m", "a" * 32, "@").replace(
+            b'"@"', padded + b"[" * (wire.MAX_NESTING - 1) + b"]" * (wire.MAX_NESTING - 1) + b"}")
+        self.assertRaises(ProtocolViolation, wire.decode, deeper)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(["{", "[", "]", "x" * 700]), max_size=60).map("".join),
+           st.integers(0, 30), st.data())
+    def test_openers_over_is_a_count(self, text: str, levels: int, data: st.DataObject) -> None:
+        start = data.draw(st.integers(0, len(text)))
+        end = data.draw(st.integers(start, len(text)))
+        counted = text.count("{", start, end) + text.count("[", start, end)
+        self.assertEqual(wire.openers_over(text, start, end, levels), counted > levels)
+        self.assertEqual(wire.openers_over(text.encode(), start, end, levels), counted > levels)
 
     def test_nested_deeper_than(self) -> None:
         self.assertFalse(wire.nested_deeper_than("x", 0))
