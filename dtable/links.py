@@ -15,13 +15,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ClientFactory, ReconnectingClientFactory, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from dtable.protocol import PeerProtocol
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
+    from twisted.internet.interfaces import IAddress, IConnector, IReactorTime
     from twisted.internet.ssl import CertificateOptions
 
     from dtable.config import Config
@@ -59,33 +59,7 @@ class LinkServerFactory(ServerFactory):
         return sum(1 for protocol in self.accepted if protocol.hello is None)
 
 
-class LinkTLSFactory(TLSMemoryBIOFactory):
-    """
-    TLS for peer connections that encrypts and writes each frame as it is
-    sent. Twisted's default TLS transport holds small writes until the next
-    turn of the reactor, to write them together: on a relay that put a turn,
-    and the sockets written in it before (an API answer, an event stream),
-    into every hop of a message.
-    """
-
-    protocol = TLSMemoryBIOProtocol
-
-
-def tls_connector(reactor: "IReactorTCP") -> Callable[..., "IConnector"]:
-    """
-    How a node dials a peer by default: with the signature of
-    C{reactor.connectSSL(host, port, factory, contextFactory, timeout)},
-    over L{LinkTLSFactory}.
-    """
-    def connect(host: str, port: int, factory: ClientFactory, context: "CertificateOptions",
-                timeout: float = 30) -> "IConnector":
-        return reactor.connectTCP(host, port, LinkTLSFactory(context, True, factory),
-                                  timeout=timeout)
-
-    return connect
-
-
-class GuardedTLSFactory(LinkTLSFactory):
+class GuardedTLSFactory(TLSMemoryBIOFactory):
     """
     The listening side's TLS, with an admission check in front: a
     connection that C{admit(address)} refuses is closed as it is accepted,

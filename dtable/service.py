@@ -38,9 +38,7 @@ from dtable.interfaces import IStore, ITableObserver, TableObserver
 from dtable.firewall import Firewall, FirewallEvent
 from dtable.health import StallProbe, memory_report, rss_bytes
 from dtable.hostfirewall import run_command
-from dtable.links import (
-    GuardedTLSFactory, LinkServerFactory, PeerConnection, ProbeFactory, tls_connector,
-)
+from dtable.links import GuardedTLSFactory, LinkServerFactory, PeerConnection, ProbeFactory
 from dtable.peers import (
     ComponentTracker, PeerAddress, PeerDirectory, PrimaryPolicy, normalize_host,
 )
@@ -155,8 +153,8 @@ class DistributedTable(MultiService):
         C{api_token_file} at start.
     @param connect_ssl: how to dial a peer, with the signature of
         C{reactor.connectSSL(host, port, factory, contextFactory, timeout)};
-        by default L{dtable.links.tls_connector}'s. Tests use it to route
-        links through L{dtable.faults.FaultProxy}.
+        by default the reactor's. Tests use it to route links through
+        L{dtable.faults.FaultProxy}.
     @param options: any other field of L{dtable.config.Config}.
 
     @raise dtable.crypto.WeakKeyError: if the key is missing or weak.
@@ -192,7 +190,7 @@ class DistributedTable(MultiService):
         self._api_connections: Any = None
         self._api_root: Any = None
         self.reactor = reactor
-        self._connect_ssl = connect_ssl if connect_ssl is not None else tls_connector(reactor)
+        self._connect_ssl = connect_ssl if connect_ssl is not None else reactor.connectSSL
         self.node_id = crypto.new_node_id()
         self.name = f"dtable node {self.node_id[:8]}"
         if store is None:
