@@ -11,6 +11,7 @@ import pytest_twisted
 
 from dtable import crypto
 from dtable.canonical import InvalidObjectError, object_hash
+from dtable.protocol import SEND_PIECE
 from dtable.service import DistributedTable, NotMasterError
 from dtable.testing import FAST, LocalNetwork, Recorder, wait_for, wait_for_all
 
@@ -57,6 +58,36 @@ async def test_seed_topology_add_remove_and_duplicate_add():
         for node, recorder in zip(net.nodes, net.recorders):
             assert _hashes(node) == {other}
             assert recorder.named("object_removed") == [({"test": "test"},)]
+    finally:
+        await net.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_larger_than_a_piece_cross_a_relay_in_order():
+    """
+    A batch and a message larger than L{SEND_PIECE}, written a piece at a
+    time over real TLS, reach a node two hops away whole, and the small
+    frames sent right behind them on the same links arrive after them.
+    """
+    net = LocalNetwork(_reactor(), size=3, links={1: [0], 2: [1]})
+    await net.start()
+    try:
+        master, far = net.master, net.nodes[2]
+        await wait_for_all(net.nodes, lambda n: len(n.links) >= 1)
+        large = {"blob": "b" * (2 * SEND_PIECE + 1000)}
+        h = master.add_object(large)
+        await master.flush()
+        small = master.add_object({"after": "the large one"})
+        master.send_message({"large": "m" * (SEND_PIECE + 10)})
+        master.send_message({"small": 1})
+        await wait_for(far, lambda n: small in n)
+        assert far.get(h) == large
+        await net.converged()
+        recorder = net.recorders[2]
+        await wait_for(far, lambda n: len(recorder.named("message_received")) == 2)
+        received = [args[0] for args in recorder.named("message_received")]
+        assert [sorted(body) for body in received] == [["large"], ["small"]]
+        assert received[0]["large"] == "m" * (SEND_PIECE + 10)
     finally:
         await net.stop()
 
