@@ -864,13 +864,20 @@ class BackpressureTests(ProtocolTestMixin, SynchronousTestCase):
         producer.resumeProducing()
         self.assertEqual([m.id for m in self.sent_messages()], [1, 2])
 
-    def test_peer_that_does_not_read_is_dropped(self) -> None:
-        config = Config(ping_interval=1.0, send_queue_limit=1000,
+    def relink(self, send_queue_limit: int, transport: TLSStringTransport) -> None:
+        """
+        Replace the link with a live one over C{transport} whose send
+        queue holds at most C{send_queue_limit} bytes.
+        """
+        config = Config(ping_interval=1.0, send_queue_limit=send_queue_limit,
                         hello_max_frame=1024, max_frame=64 * 1024)
         self.protocol = PeerProtocol(self.hub, self.clock, config, outbound=False)
-        self.transport = TLSStringTransport(certificate(PEER_ID))
-        self.protocol.makeConnection(self.transport)
+        self.transport = transport
+        self.protocol.makeConnection(transport)
         self.go_live()
+
+    def test_peer_that_does_not_read_is_dropped(self) -> None:
+        self.relink(1000, TLSStringTransport(certificate(PEER_ID)))
         self.transport.producer.pauseProducing()
         frame = big_message(400)
         self.protocol.send_frame(frame)
@@ -885,15 +892,11 @@ class BackpressureTests(ProtocolTestMixin, SynchronousTestCase):
         write, as a TCP transport does once its buffer passes its size;
         returns the lengths written, as they are written.
         """
-        config = Config(ping_interval=1.0, send_queue_limit=send_queue_limit,
-                        hello_max_frame=1024, max_frame=64 * 1024)
-        self.protocol = PeerProtocol(self.hub, self.clock, config, outbound=False)
-        self.transport = FillingTransport(certificate(PEER_ID))
-        self.protocol.makeConnection(self.transport)
-        self.go_live()
-        self.transport.writes.clear()
-        self.transport.fill = True
-        return self.transport.writes
+        transport = FillingTransport(certificate(PEER_ID))
+        self.relink(send_queue_limit, transport)
+        transport.writes.clear()
+        transport.fill = True
+        return transport.writes
 
     def test_large_frame_written_in_pieces_as_the_transport_drains(self) -> None:
         written = self.fill_on_write()
