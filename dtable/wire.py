@@ -356,6 +356,8 @@ def _objects(value: Any, name: str) -> tuple[dict, ...]:
     raw = _raw(items) or ()
     brace, bracket = (b"{", b"[") if raw and type(raw[0]) is bytes else ("{", "[")
     for item, text in zip(items, raw):
+        # openers_over, with its common case inline: a call per object made
+        # a batch of 1,000 small objects decode 13% slower.
         if len(text) < _FIND_FROM:
             deep = text.count(brace) + text.count(bracket) > MAX_DEPTH  # type: ignore[arg-type]
         else:
@@ -853,6 +855,7 @@ def _scan_list(text: str, source: str | bytes, pos: int,
                 item, pos = _scan_once(text, pos)
             except StopIteration:
                 raise ValueError(f"expecting a value at {pos}") from None
+            # openers_over, inline for small items (as in _objects).
             if pos - start < find_from:
                 deep = count("{", start, pos) + count("[", start, pos) > levels
             else:
