@@ -6,9 +6,13 @@ good as its parsing of the node's chunked event streams.
 from __future__ import annotations
 
 import http.client
+import http.server
 import importlib.util
+import json
 import os
 import sys
+import threading
+import time
 from types import ModuleType
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -63,3 +67,74 @@ class DechunkTests(SynchronousTestCase):
         for stream in (b"5\r\nhelloXX", b"zz\r\n"):
             with self.assertRaises(http.client.HTTPException):
                 self.Dechunk().feed(stream)
+
+
+class PollIntervalTests(SynchronousTestCase):
+    """
+    A Watch polls at its interval early in a row, then at a share of the
+    time the row has taken.
+    """
+
+    def test_interval_then_share(self) -> None:
+        bench = replication()
+        self.assertEqual(bench.poll_interval(0.025, 0.0), 0.025)
+        self.assertEqual(bench.poll_interval(0.025, 4.0), 0.025)
+        self.assertAlmostEqual(bench.poll_interval(0.025, 70.0), 70.0 * bench.POLL_SHARE)
+        self.assertGreater(bench.poll_interval(0.025, 70.0), 0.025)
+
+
+class StatusServer(http.server.BaseHTTPRequestHandler):
+    """
+    Answers GET /status like a node, with one more object each time, over
+    persistent HTTP/1.1 connections; the server notes every connection and
+    every request's method, path and body.
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1  # type: ignore[attr-defined]
+
+    def do_GET(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length) if length else b""
+        server = self.server
+        server.requests.append((self.command, self.path, body))  # type: ignore[attr-defined]
+        answer = json.dumps({"objects": len(server.requests)}).encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class WatchTests(SynchronousTestCase):
+    """
+    A Watch polls a node's /status over one persistent connection until its
+    condition holds.
+    """
+
+    def test_polls_on_one_connection_until_done(self) -> None:
+        bench = replication()
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StatusServer)
+        server.connections = 0  # type: ignore[attr-defined]
+        server.requests = []  # type: ignore[attr-defined]
+        serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        serving.start()
+        self.addCleanup(serving.join, 10)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        node = bench.Node("n1", "unused", 0, server.server_address[1], [], "token")
+        started = time.perf_counter()
+        watch = bench.Watch([node], lambda status: status["objects"] >= 5, started,
+                            started + 30, 0.001).start()
+        watch.join()
+        self.assertEqual((watch.errors, watch.objects, watch.polls),
+                         ({}, {"n1": 5}, {"n1": 5}))
+        self.assertIn("n1", watch.reached)
+        self.assertEqual(server.requests, [("GET", "/status", b"")] * 5)  # type: ignore[attr-defined]
+        self.assertEqual(server.connections, 1)  # type: ignore[attr-defined]
