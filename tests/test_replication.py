@@ -261,11 +261,19 @@ class PublishAndApplyTests(SynchronousTestCase):
     def test_removed_objects_read_only_if_wanted(self) -> None:
         """
         A replica told that nobody wants the objects that leave does not
-        read them from its store (on the master or a follower), and counts
-        them all the same; once they are wanted again, it reads them.
+        read them from its store (on the master or a follower), nor does a
+        follower ask its table which of them it holds before removing them,
+        and it counts them all the same; once they are wanted again, it
+        reads them.
         """
         wanted = [False]
         reads: list[list[str]] = []
+        lookups: list[str] = []
+
+        class CountingTable(Table):
+            def __contains__(self, h: object) -> bool:
+                lookups.append(str(h))
+                return super().__contains__(h)
 
         class CountingStore(MemoryStore):
             def get_many(self, hs: Any) -> dict[str, bytes]:
@@ -276,7 +284,7 @@ class PublishAndApplyTests(SynchronousTestCase):
         def replica() -> tuple[Replica, MemoryStore]:
             store = CountingStore()
             store.open()
-            return Replica(Table(), store, verifier_for(self.net),
+            return Replica(CountingTable(), store, verifier_for(self.net),
                            removed_wanted=lambda: wanted[0]), store
 
         self.master, self.master_store = replica()
@@ -286,9 +294,10 @@ class PublishAndApplyTests(SynchronousTestCase):
         assert result is not None
         change, frame = result
         self.assertEqual((change.removed, change.removed_count), ([], 2))
+        del lookups[:]
         change = follower.apply_batch(decode_batch(frame))
         self.assertEqual((change.removed, change.removed_count), ([], 2))
-        self.assertEqual(reads, [])
+        self.assertEqual((reads, lookups), ([], []))
         self.assertSameState(follower, follower_store)
         wanted[0] = True
         change = follower.apply_batch(decode_batch(self.publish([], [C])))
