@@ -355,15 +355,17 @@ class Replica:
         head, store it and return the change with its batch frame. None if
         nothing would change.
         """
-        removes = [h for h in removes if h in self.table]
-        if removes:
-            # An add of a hash the table holds changes nothing, even if it
-            # is removed too.
-            gone = set(removes)
-            adds = [a for a in adds if a[0] not in gone]
         removed_data = self._removed_data(removes)
-        # Adds of other hashes the table holds are left out by apply.
-        added, _ = self.table.apply([h for h, _, _ in adds], removes)
+        # Removes of hashes the table does not hold, and adds of those it
+        # holds, are left out by apply; the table is walked once per op.
+        added, removes = self.table.apply([h for h, _, _ in adds], removes)
+        if added and removes:
+            # An add of a hash the table held changes nothing, even if it is
+            # removed too: apply removed it and added it back.
+            again = set(added).intersection(removes)
+            for h in again:
+                self.table.remove(h)
+            added = [h for h in added if h not in again]
         if len(added) < len(adds):
             new = set(added)
             adds = [a for a in adds if a[0] in new]

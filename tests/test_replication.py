@@ -261,10 +261,9 @@ class PublishAndApplyTests(SynchronousTestCase):
     def test_removed_objects_read_only_if_wanted(self) -> None:
         """
         A replica told that nobody wants the objects that leave does not
-        read them from its store (on the master or a follower), nor does a
-        follower ask its table which of them it holds before removing them,
-        and it counts them all the same; once they are wanted again, it
-        reads them.
+        read them from its store (on the master or a follower), nor does it
+        ask its table which of them it holds before removing them, and it
+        counts them all the same; once they are wanted again, it reads them.
         """
         wanted = [False]
         reads: list[list[str]] = []
@@ -290,11 +289,11 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.master, self.master_store = replica()
         follower, follower_store = replica()
         follower.apply_batch(decode_batch(self.publish([A, B, C], [])))
+        del lookups[:]
         result = self.master.publish(self.signer, [], [h(A), h(B)])
         assert result is not None
         change, frame = result
         self.assertEqual((change.removed, change.removed_count), ([], 2))
-        del lookups[:]
         change = follower.apply_batch(decode_batch(frame))
         self.assertEqual((change.removed, change.removed_count), ([], 2))
         self.assertEqual((reads, lookups), ([], []))
@@ -313,10 +312,18 @@ class PublishAndApplyTests(SynchronousTestCase):
         self.assertEqual(self.master.head, head)
 
     def test_publish_leaves_out_ops_that_change_nothing(self) -> None:
+        """
+        Adds of held objects and removes of absent ones are left out, an
+        add of a held object that is removed too changes nothing, and a
+        hash removed twice is removed once.
+        """
         self.publish([A], [])
-        batch = decode_batch(self.publish([A, B], [A, C]))
+        batch = decode_batch(self.publish([A, B], [A, C, A]))
         self.assertEqual(list(batch.adds), [B])
         self.assertEqual(batch.removes, (h(A),))
+        self.assertEqual(self.master.table.hashes(), [h(B)])
+        self.assertEqual(dict(self.master_store.items()), {h(B): canonical_bytes(B)})
+        self.assertEqual(self.master.table.root(), root_of([h(B)]))
 
     def test_follower_applies_batches(self) -> None:
         for adds, removes in (([A, B], []), ([C], [A]), ([D, A], [B, C])):
