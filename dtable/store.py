@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -109,14 +108,35 @@ def _check_hash(h: object) -> str:
     return h
 
 
+def _raw_hashes(hs: list) -> bytes | None:
+    """
+    The raw 32 bytes of every item of C{hs}, concatenated, if every item is
+    a hash as L{_check_hash} takes one; else None.
+
+    The text is checked by converting it and back: C{bytes.fromhex} takes
+    upper case and spaces too, but then its C{hex()} differs. Both run at
+    memory speed, where a regular expression over the joined text took ten
+    times as long (31 ms for 100,000 hashes) in one call that holds the
+    interpreter lock, on the writer thread that SQLite work must share it
+    with the reactor's.
+    """
+    if not (set(map(type, hs)) <= _STR and set(map(len, hs)) <= _SIXTY_FOUR):
+        return None
+    text = "".join(hs)
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return raw if raw.hex() == text else None
+
+
 def _check_hashes(hs: list) -> list[str]:
     """
     @return: C{hs}, if every item is a hash: checked as L{_check_hash}
         checks one, but a commit's thousands at once.
     @raise ValueError: naming the first that is not.
     """
-    if (set(map(type, hs)) <= _STR and set(map(len, hs)) <= _SIXTY_FOUR
-            and _match_hex("".join(hs))):
+    if _raw_hashes(hs) is not None:
         return hs
     for h in hs:
         _check_hash(h)
@@ -126,7 +146,6 @@ def _check_hashes(hs: list) -> list[str]:
 _STR = frozenset([str])
 _BYTES = frozenset([bytes])
 _SIXTY_FOUR = frozenset([64])
-_match_hex = re.compile("[0-9a-f]*").fullmatch
 
 
 def _check_data(data: object) -> bytes:
@@ -247,7 +266,11 @@ def _keys(hs: list[str]) -> list[bytes]:
 
     @raise ValueError: if one of C{hs} is not a hash.
     """
-    raw = bytes.fromhex("".join(_check_hashes(list(hs))))
+    hs = list(hs)
+    raw = _raw_hashes(hs)
+    if raw is None:
+        _check_hashes(hs)
+        raise AssertionError("unreachable: _raw_hashes took every hash")
     return [raw[i:i + 32] for i in range(0, len(raw), 32)]
 
 

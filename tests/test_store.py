@@ -208,7 +208,10 @@ class StoreContract:
         self.commit(store, 1, entries(1, 2))
         before = self.state(store)
         good = entry(3)
-        for bad in ["zz" * 32, ABSENT.upper(), ABSENT[:-1], ABSENT + "0", "", b"x" * 64, None]:
+        # Spaces between bytes, which bytes.fromhex skips, and digits of
+        # other scripts are not hex digits either.
+        for bad in ["zz" * 32, ABSENT.upper(), ABSENT[:-1], ABSENT + "0", "", b"x" * 64, None,
+                    ABSENT[:60] + " ab ", "\u0660" * 64, "\N{LATIN SMALL LETTER E WITH ACUTE}" * 64]:
             with self.subTest(bad=bad):
                 with self.assertRaises(ValueError):
                     store.commit(head_of(2, []), [good, (bad, b"{}")], [])
