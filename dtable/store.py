@@ -114,10 +114,10 @@ def _raw_hashes(hs: list) -> bytes | None:
     a hash as L{_check_hash} takes one; else None.
 
     The text is checked by converting it and back: C{bytes.fromhex} takes
-    upper case and spaces too, but then its C{hex()} differs. Both run at
-    memory speed (6 ms for 100,000 hashes), where a regular expression over
-    the joined text took 31 ms in one call that holds the interpreter lock,
-    on the writer thread that must share it with the reactor's.
+    upper case and spaces too, but then its C{hex()} differs. For 100,000
+    hashes the two take 5 and 7 ms, where a regular expression over the
+    joined text took 31 ms in one call that holds the interpreter lock, on
+    the writer thread that must share it with the reactor's.
     """
     if not (set(map(type, hs)) <= _STR and set(map(len, hs)) <= _SIXTY_FOUR):
         return None
