@@ -166,6 +166,22 @@ TAIL_LINES = 25
 
 TARGETS_NOTE = "targets from the issue"
 
+#: Environment variables, inherited by the nodes, that change how they
+#: allocate memory; a result is reported with the ones that were set.
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "PYTHONMALLOC")
+ALLOCATOR_PREFIXES = ("MALLOC_",)
+
+
+def allocator_environment(environ: dict[str, str]) -> dict[str, str]:
+    """
+    The variables of C{environ} that change how the nodes allocate memory
+    (the nodes inherit the driver's environment). glibc's
+    C{glibc.malloc.hugetlb=1} tunable, for one, makes the copies of a
+    64 MB frame several times cheaper (docs/design-notes.rst).
+    """
+    return {name: value for name, value in sorted(environ.items())
+            if name in ALLOCATOR_VARIABLES or name.startswith(ALLOCATOR_PREFIXES)}
+
 
 
 
@@ -1485,7 +1501,12 @@ def report(runs: list[dict], args: argparse.Namespace) -> None:
           f"{args.chunk:,}; "
           + (f"median (min..max) over {len(runs)} runs" if len(runs) > 1 else "one run"))
     print("times from the first API call; '<=' marks a stall that is an upper bound "
-          "(the node's worst since start did not grow during the row)\n")
+          "(the node's worst since start did not grow during the row)")
+    environment = allocator_environment(dict(os.environ))
+    if environment:
+        print("the nodes ran with " + " ".join(f"{name}={value}"
+                                                for name, value in environment.items()))
+    print()
     table = rows(args)
     cells = []
     for label, get, fmt in table:
@@ -1658,7 +1679,8 @@ def main() -> int:
     print(f"\ntotal {total:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "node_options": FAST_OPTIONS, "runs": runs,
+            json.dump({"args": vars(args), "node_options": FAST_OPTIONS,
+                       "environment": allocator_environment(dict(os.environ)), "runs": runs,
                        "summary": summarize(runs, args),
                        "targets": [{"target": name, "unit": unit,
                                     "results": {t: {"median": v, "met": met}

@@ -83,6 +83,26 @@ class PollIntervalTests(SynchronousTestCase):
         self.assertGreater(bench.poll_interval(0.025, 70.0), 0.025)
 
 
+class AllocatorEnvironmentTests(SynchronousTestCase):
+    """
+    A result names the allocator settings the nodes inherited, and no other
+    variable of the driver's environment.
+    """
+
+    def test_only_allocator_variables(self) -> None:
+        environment = replication().allocator_environment({
+            "PATH": "/usr/bin", "HOME": "/home/x", "MALLOCATED": "no",
+            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "MALLOC_ARENA_MAX": "2",
+            "PYTHONMALLOC": "malloc", "PYTHONPATH": "/src",
+        })
+        self.assertEqual(environment, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                                       "MALLOC_ARENA_MAX": "2", "PYTHONMALLOC": "malloc"})
+        self.assertEqual(list(environment), sorted(environment))
+
+    def test_none_set(self) -> None:
+        self.assertEqual(replication().allocator_environment({"PATH": "/usr/bin"}), {})
+
+
 class StatusServer(http.server.BaseHTTPRequestHandler):
     """
     Answers GET /status like a node, with one more object each time, over
