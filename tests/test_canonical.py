@@ -38,6 +38,14 @@ json_values = st.recursive(
 json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=6)
 
 
+def reference(obj: dict[str, Any]) -> bytes:
+    """
+    The canonical bytes as the module defines them.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
 def reorder(value: Any) -> Any:
     """
     The same JSON value with every object's keys inserted in reverse order.
@@ -93,6 +101,71 @@ class CanonicalBytesTests(SynchronousTestCase):
         Any object hashes the same as itself with every key order reversed.
         """
         self.assertEqual(canonical_bytes(reorder(obj)), canonical_bytes(obj))
+
+    @given(json_objects)
+    def test_same_bytes_as_the_json_encoder(self, obj: dict[str, Any]) -> None:
+        """
+        Whichever encoder writes an object, the bytes are those of the
+        definition: C{json.dumps} with sorted keys, no whitespace and raw
+        non-ASCII text, in UTF-8.
+        """
+        self.assertEqual(canonical_bytes(obj), reference(obj))
+
+    def test_every_character(self) -> None:
+        """
+        Every character that is not a surrogate is written as the JSON
+        encoder writes it, in a value and in a key.
+        """
+        text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+        for obj in ({"v": text}, {text[:0x3000]: 1, text[0x3000:0x6000]: [text[-100:]]}):
+            self.assertEqual(canonical_bytes(obj), reference(obj))
+
+    def test_integers_at_64_bits(self) -> None:
+        """
+        Integers on both sides of 64 bits, where the faster encoder stops,
+        are written as the JSON encoder writes them.
+        """
+        for n in (-(2**63) - 1, -(2**63), 2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**100):
+            obj = {"n": n, "list": [n, 1]}
+            self.assertEqual(canonical_bytes(obj), reference(obj), n)
+
+    def test_floats_as_python_writes_them(self) -> None:
+        """
+        Floats are written with Python's C{repr}, exponents included
+        (C{1e-05}, not C{0.00001}; C{1e-07}, not C{1e-7}).
+        """
+        for x in (1e-05, 1e-07, 0.0001, 1e16, 1.5e300, 5e-324, -0.0, 0.1, 1.0):
+            obj = {"x": x, "list": [x, 1]}
+            self.assertEqual(canonical_bytes(obj), reference(obj), x)
+        self.assertEqual(canonical_bytes({"x": 1e-05}), b'{"x":1e-05}')
+
+    def test_keys_sorted_by_code_point(self) -> None:
+        """
+        Keys are sorted by code point, beyond the Basic Multilingual Plane
+        too (where UTF-16 order would differ).
+        """
+        keys = ["\U0001f600", "\uffff", "\ue000", "\u2028", "é", "\x7f", "a", "A", ""]
+        obj = {key: index for index, key in enumerate(keys)}
+        self.assertEqual(canonical_bytes(obj), reference(obj))
+        self.assertEqual(list(json.loads(canonical_bytes(obj))), sorted(keys))
+
+    def test_subclasses_written_as_the_json_encoder_does(self) -> None:
+        """
+        A dict subclass is read through its C{items()} and a key of a str
+        subclass is sorted with its own order, as the JSON encoder does.
+        """
+
+        class Items(dict):  # type: ignore[type-arg]
+            def items(self):  # type: ignore[no-untyped-def]
+                return [("z", 1)]
+
+        class Backwards(str):
+            def __lt__(self, other: object) -> bool:
+                return str(other) < str(self)
+
+        for obj in ({"a": Items(q=2)}, {Backwards("a"): 1, Backwards("b"): 2}):
+            self.assertEqual(canonical_bytes(obj), reference(obj))
+        self.assertEqual(canonical_bytes({"a": Items(q=2)}), b'{"a":{"z":1}}')
 
     def test_different_objects_differ(self) -> None:
         """
