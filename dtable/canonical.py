@@ -90,6 +90,11 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 #: The integers orjson writes (it refuses larger ones).
 _INT_LOW, _INT_HIGH = -(2**63), 2**64 - 1
 
+#: orjson's output shorter than this is copied into a bytes object of its
+#: own size (see L{canonical_bytes}); a longer one is kept, as copying it
+#: would cost more than its slack.
+_COPY_BELOW = 2**20
+
 
 class InvalidObjectError(ValueError):
     """
@@ -228,9 +233,9 @@ def canonical_bytes(obj: JSONObject) -> bytes:
 
     A plain object (see L{_check_container}: no floats, no integers past 64
     bits, no subclasses of C{dict}) is written by L{orjson}, byte for byte
-    what the JSON encoder writes and about ten times faster: 0.25 us
-    against 2.6 us for an object of 150 bytes, 41 ms against 265 ms for a
-    string of 64 MB, which the encoder escapes a character at a time.
+    what the JSON encoder writes and several times faster: 0.5 us against
+    2.6 us for an object of 150 bytes, 41 ms against 265 ms for a string of
+    64 MB, which the encoder escapes a character at a time.
     """
     if not isinstance(obj, dict):
         raise InvalidObjectError(
@@ -242,9 +247,14 @@ def canonical_bytes(obj: JSONObject) -> bytes:
         raise _invalid(e.reason, e.path) from None
     if plain:
         try:
-            return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+            data = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:
             pass  # a lone surrogate, which the encoder below names
+        else:
+            # orjson writes into a buffer of 1 KiB (or more, grown) from the
+            # system allocator and shrinks it in place; held as they came,
+            # 100,000 small objects kept 400 MB of heap (20 MB as copies).
+            return data if len(data) >= _COPY_BELOW else memoryview(data).tobytes()
     text = _encode(obj)
     try:
         return text.encode("utf-8")
