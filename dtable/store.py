@@ -244,6 +244,15 @@ _SCHEMA = (
     """,
 )
 
+PAGE_SIZE = 16384
+"""
+The page size of the files this version creates (SQLite's default is 4
+KiB). Writing a million objects in transactions as the writer gathers
+them took 5.4-5.7 s of CPU instead of 7.0-7.3 (the kernel's share 0.8-0.9
+s instead of 1.9-2.0), and a read of 1,500 objects by hash 14 ms instead of
+12. A file keeps the page size it was created with.
+"""
+
 _SET_HEAD = (
     "INSERT OR REPLACE INTO head (id, rev, base, root, sig, master) "
     "VALUES (0, ?, ?, ?, ?, ?)"
@@ -369,14 +378,17 @@ class SqliteStore:
         # Read the version before writing anything, so that a file from a
         # newer version is left exactly as it was.
         version = self._version(db)
+        # Only a new file takes it: one in WAL mode keeps its page size.
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(self.path, f"write-ahead logging is not available "
                                         f"(journal mode {mode!r})")
         db.execute("PRAGMA synchronous=NORMAL")
         # A checkpoint (copying the log into the file, and syncing it) per
-        # 40 MB of log rather than per 4 MB: bulk loads rewrite the same
-        # pages commit after commit.
+        # 10,000 pages of log rather than 1,000 (160 MB with PAGE_SIZE, 40
+        # MB in a file of 4 KiB pages): bulk loads rewrite the same pages
+        # commit after commit.
         db.execute("PRAGMA wal_autocheckpoint=10000")
         if version < SCHEMA_VERSION:
             db.execute("BEGIN IMMEDIATE")

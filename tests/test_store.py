@@ -20,8 +20,10 @@ from zope.interface.verify import verifyObject
 
 from dtable.canonical import canonical_bytes, hash_bytes
 from dtable.interfaces import IStore
+from dtable import store as store_module
 from dtable.store import (
     DB_NAME,
+    PAGE_SIZE,
     BackgroundSqliteStore,
     SCHEMA_VERSION,
     MemoryStore,
@@ -356,16 +358,35 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
 
     def test_layout(self) -> None:
         """
-        The file is in write-ahead-log mode, carries the schema version and
-        keys objects by the hash's 32 raw bytes.
+        The file is in write-ahead-log mode with pages of PAGE_SIZE bytes,
+        carries the schema version and keys objects by the hash's 32 raw
+        bytes.
         """
         store = self.opened()
         self.commit(store, 1, entries(1))
         db = self.sqlite()
         self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(PAGE_SIZE, 16384)
+        self.assertEqual(db.execute("PRAGMA page_size").fetchone()[0], PAGE_SIZE)
         self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         self.assertEqual(db.execute("SELECT hash FROM objects").fetchall(),
                          [(bytes.fromhex(entry(1)[0]),)])
+
+    def test_page_size_of_an_existing_file_is_kept(self) -> None:
+        """
+        A file created with another page size (as earlier versions made
+        them, 4 KiB) keeps it: it opens with its objects and takes commits.
+        """
+        self.patch(store_module, "PAGE_SIZE", 4096)
+        store = self.opened()
+        head = self.commit(store, 1, entries(1, 2))
+        store.close()
+        self.patch(store_module, "PAGE_SIZE", 16384)
+        store = self.opened()
+        self.assertEqual(self.state(store), (head, sorted(entries(1, 2))))
+        self.commit(store, 2, entries(3), [entry(1)[0]])
+        self.assertEqual(sorted(store.items()), sorted(entries(2, 3)))
+        self.assertEqual(self.sqlite().execute("PRAGMA page_size").fetchone()[0], 4096)
 
     def test_failed_commit_rolls_back(self) -> None:
         """
