@@ -445,7 +445,7 @@ class SqliteStore:
         inserts at random places in an index much larger than the cache
         read most of its pages back from the file. Writing a million
         objects in transactions of 50,000 cost the writer 7.8 s of CPU with
-        16 MiB of cache and 6.5 s with 48 MiB.
+        16 MiB of cache and 6.5 s with 48 MiB (in a file of 4 KiB pages).
         """
         kib = min(max(rows * 48 // 1024, 2048), 65536)
         if kib != self._cache_kib:
@@ -624,9 +624,10 @@ class BackgroundSqliteStore:
     random hashes for keys, every transaction rewrites most pages of the
     hash index, so the larger the store, the larger a transaction must be
     to cost little per object:
-    writing 100,000 objects in transactions of 2,000 takes the writer 0.75 s
+    writing 100,000 objects in transactions of 2,000 took the writer 0.75 s
     of CPU, in transactions of 10,000 0.63 s; 1,000,000 objects in
-    transactions of 5,000 take 13.8 s, of 50,000 10.0 s. For the same
+    transactions of 5,000 took 13.8 s, of 50,000 10.0 s (in a file of 4 KiB
+    pages, before L{PAGE_SIZE}). For the same
     reason SQLite's page cache grows with the store
     (L{SqliteStore.size_cache}).
     A crash loses at most what was gathered and not yet written, whole
