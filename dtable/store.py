@@ -244,6 +244,9 @@ _SCHEMA = (
     """,
 )
 
+_MIN_LOG = 40 * 1024 * 1024
+_MAX_LOG = 160 * 1024 * 1024
+
 PAGE_SIZE = 16384
 """
 The page size of the files this version creates (SQLite's default is 4
@@ -328,6 +331,8 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         #: The page cache set by size_cache, in KiB; 0 for SQLite's own.
         self._cache_kib = 0
+        #: The checkpoint interval set by size_log, in pages; 0 for SQLite's own.
+        self._checkpoint_pages = 0
 
     @classmethod
     def in_directory(cls, data_dir: str) -> SqliteStore:
@@ -385,11 +390,6 @@ class SqliteStore:
             raise StoreError(self.path, f"write-ahead logging is not available "
                                         f"(journal mode {mode!r})")
         db.execute("PRAGMA synchronous=NORMAL")
-        # A checkpoint (copying the log into the file, and syncing it) per
-        # 10,000 pages of log rather than 1,000 (160 MB with PAGE_SIZE, 40
-        # MB in a file of 4 KiB pages): bulk loads rewrite the same pages
-        # commit after commit.
-        db.execute("PRAGMA wal_autocheckpoint=10000")
         if version < SCHEMA_VERSION:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -452,12 +452,30 @@ class SqliteStore:
             self._open_db().execute(f"PRAGMA cache_size = -{kib}")
             self._cache_kib = kib
 
+    def size_log(self, rows: int) -> None:
+        """
+        Set how much write-ahead log a store of about C{rows} objects
+        gathers before it is checkpointed (copied into the file, and the
+        file synced): 160 bytes per object, at least 40 MiB and at most 160
+        MiB. A writer calls it as the store grows. A bulk load rewrites most
+        of the hash index in every transaction, and a checkpoint copies each
+        page once however often the log holds it: a million objects written
+        as the writer gathers them cost 5.1 s of CPU checkpointed this way,
+        5.9-6.0 s with a checkpoint per 40 MB.
+        """
+        page_size = self._open_db().execute("PRAGMA page_size").fetchone()[0]
+        pages = min(max(rows * 160, _MIN_LOG), _MAX_LOG) // page_size
+        if pages != self._checkpoint_pages:
+            self._open_db().execute(f"PRAGMA wal_autocheckpoint = {pages}")
+            self._checkpoint_pages = pages
+
     def close(self) -> None:
         """
         Close the file. Idempotent; the store may be opened again.
         """
         db, self._db = self._db, None
         self._cache_kib = 0
+        self._checkpoint_pages = 0
         if db is not None:
             db.close()
 
@@ -809,10 +827,12 @@ class BackgroundSqliteStore:
             # counts too): what the gathering and the cache are sized by.
             rows = writer.count()
             writer.size_cache(rows)
+            writer.size_log(rows)
             while (entries := self._next_entries(max(self._gather_ops, rows // 10))) is not None:
                 self._write_entries(writer, entries)
                 rows += sum(len(e.adds) - len(e.removes) for e in entries)
                 writer.size_cache(rows)
+                writer.size_log(rows)
                 # Not held while waiting for the next: they are all the
                 # objects of up to max_pending commits.
                 del entries

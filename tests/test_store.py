@@ -329,6 +329,42 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         store.size_cache(1_000_000)
         self.assertEqual(cache_kib(), 46875)
 
+    def test_log_grows_with_the_store(self) -> None:
+        """
+        size_log has the log checkpointed per 160 bytes per object, between
+        40 and 160 MiB, counted in the file's pages; a reopened store starts
+        from SQLite's default again.
+        """
+        store = self.opened()
+
+        def pages() -> int:
+            return store._open_db().execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+
+        self.assertEqual(pages(), 1000)
+        for rows, expected in [(0, 2560), (100_000, 2560), (500_000, 4882),
+                               (1_000_000, 9765), (10_000_000, 10240), (1_000, 2560)]:
+            store.size_log(rows)
+            self.assertEqual(pages(), expected, rows)
+        store.size_log(1_000_000)
+        store.close()
+        store.open()
+        self.assertEqual(pages(), 1000)
+        store.size_log(1_000_000)
+        self.assertEqual(pages(), 9765)
+
+    def test_log_of_a_file_of_small_pages(self) -> None:
+        """
+        In a file of 4 KiB pages the same bytes are four times the pages.
+        """
+        self.patch(store_module, "PAGE_SIZE", 4096)
+        store = self.opened()
+        store.size_log(200_000)
+        self.assertEqual(
+            store._open_db().execute("PRAGMA wal_autocheckpoint").fetchone()[0], 10240)
+        store.size_log(1_000_000)
+        self.assertEqual(
+            store._open_db().execute("PRAGMA wal_autocheckpoint").fetchone()[0], 39062)
+
     def test_open_creates_directories(self) -> None:
         self.path = os.path.join(self.dir, "a", "b", "c", DB_NAME)
         self.opened()
@@ -559,6 +595,29 @@ class BackgroundSqliteStoreTests(StoreContract, SynchronousTestCase):
         self.addCleanup(again.close)
         self.assertEqual(again.head(), second)
         self.assertEqual(sorted(again.items()), sorted(entries(1, 3, 4)))
+
+    def test_writer_sizes_cache_and_log_as_the_store_grows(self) -> None:
+        """
+        The writer sizes SQLite's cache and checkpoint interval for the
+        objects stored when it starts and after every transaction.
+        """
+        sized: list[tuple[str, int]] = []
+
+        class Sizing(SqliteStore):
+            def size_cache(self, rows: int) -> None:
+                sized.append(("cache", rows))
+                super().size_cache(rows)
+
+            def size_log(self, rows: int) -> None:
+                sized.append(("log", rows))
+                super().size_log(rows)
+
+        store = BackgroundSqliteStore(self.path, writer_factory=Sizing)
+        store.open()
+        self.addCleanup(store.close)
+        store.commit(head_of(1, sorted(h for h, _ in entries(1, 2, 3))), entries(1, 2, 3), [])
+        store.close()  # the writer thread has ended
+        self.assertEqual(sized, [("cache", 0), ("log", 0), ("cache", 3), ("log", 3)])
 
     def test_queued_commits_written_as_one(self) -> None:
         """
