@@ -307,27 +307,37 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         self.assertEqual(store.path, self.path)
         self.assertFalse(os.path.exists(os.path.dirname(self.path)))
 
+    def assert_sized_by_rows(self, size: Any, read: Any, expected: list[tuple[int, int]],
+                             default: int) -> None:
+        """
+        C{size(store, rows)} sets what C{read(store)} reads to each value of
+        C{expected} for its rows, and a reopened store reads C{default}
+        until it is sized again.
+        """
+        store = self.opened()
+        self.assertEqual(read(store), default)
+        for rows, value in expected:
+            size(store, rows)
+            self.assertEqual(read(store), value, rows)
+        size(store, expected[-2][0])
+        store.close()
+        store.open()
+        self.assertEqual(read(store), default)
+        size(store, expected[-2][0])
+        self.assertEqual(read(store), expected[-2][1])
+
     def test_cache_grows_with_the_store(self) -> None:
         """
         size_cache gives SQLite 48 bytes of page cache per object, between
         its own 2 MiB and 64 MiB, and a reopened store starts from SQLite's
         default again.
         """
-        store = self.opened()
-
-        def cache_kib() -> int:
-            return -store._open_db().execute("PRAGMA cache_size").fetchone()[0]
-
-        for rows, kib in [(0, 2048), (40_000, 2048), (100_000, 4687), (1_000_000, 46875),
-                          (10_000_000, 65536), (1_000, 2048)]:
-            store.size_cache(rows)
-            self.assertEqual(cache_kib(), kib, rows)
-        store.size_cache(1_000_000)
-        store.close()
-        store.open()
-        self.assertEqual(cache_kib(), 2000)
-        store.size_cache(1_000_000)
-        self.assertEqual(cache_kib(), 46875)
+        self.assert_sized_by_rows(
+            SqliteStore.size_cache,
+            lambda store: -store._open_db().execute("PRAGMA cache_size").fetchone()[0],
+            [(0, 2048), (40_000, 2048), (100_000, 4687), (10_000_000, 65536),
+             (1_000_000, 46875), (1_000, 2048)],
+            default=2000)
 
     def test_log_grows_with_the_store(self) -> None:
         """
@@ -335,22 +345,12 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         40 and 160 MiB, counted in the file's pages; a reopened store starts
         from SQLite's default again.
         """
-        store = self.opened()
-
-        def pages() -> int:
-            return store._open_db().execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-
-        self.assertEqual(pages(), 1000)
-        for rows, expected in [(0, 2560), (100_000, 2560), (500_000, 4882),
-                               (1_000_000, 9765), (10_000_000, 10240), (1_000, 2560)]:
-            store.size_log(rows)
-            self.assertEqual(pages(), expected, rows)
-        store.size_log(1_000_000)
-        store.close()
-        store.open()
-        self.assertEqual(pages(), 1000)
-        store.size_log(1_000_000)
-        self.assertEqual(pages(), 9765)
+        self.assert_sized_by_rows(
+            SqliteStore.size_log,
+            lambda store: store._open_db().execute("PRAGMA wal_autocheckpoint").fetchone()[0],
+            [(0, 2560), (100_000, 2560), (500_000, 4882), (10_000_000, 10240),
+             (1_000_000, 9765), (1_000, 2560)],
+            default=1000)
 
     def test_log_of_a_file_of_small_pages(self) -> None:
         """
