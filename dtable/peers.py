@@ -346,7 +346,11 @@ class ComponentTracker:
     Which nodes share this node's component of the overlay: those whose
     beacons (flooded over every link) arrived recently. A node that is known
     and answers probes but sends no beacons sits in another component, and
-    the node with the smaller id links to it to merge them.
+    the node with the smaller id links to it to merge them. If that node
+    cannot (it does not know this node's address, or cannot reach it), the
+    one with the greater id links once the other has been outside for a
+    further C{horizon}; a second link between the two costs little, a
+    network split for good costs everything.
 
     At most C{max_nodes} origins are remembered, the least recently heard
     forgotten first, so beacons with made-up origins cannot grow memory.
@@ -357,6 +361,9 @@ class ComponentTracker:
         self._horizon = horizon
         self._max_nodes = max_nodes
         self._heard: dict[str, float] = {}
+        # Reachable nodes outside the component, and since when; only those
+        # of the last call, so no larger than what was reachable then.
+        self._outside_since: dict[str, float] = {}
 
     def heard(self, node_id: str, now: float) -> None:
         # Re-inserted so that the dict stays in order of last hearing.
@@ -374,8 +381,13 @@ class ComponentTracker:
     def outsiders(self, reachable: dict[str, PeerAddress], now: float) -> list[PeerAddress]:
         """
         Addresses of reachable nodes (id -> address) outside this component
-        that this node should link to (it has the smaller id).
+        that this node should link to: at once if it has the smaller id,
+        otherwise once the node has been outside for C{horizon} seconds.
         """
         members = self.members(now)
-        return [address for node_id, address in sorted(reachable.items())
-                if node_id not in members and self._own_id < node_id]
+        outside = {node_id: address for node_id, address in reachable.items()
+                   if node_id not in members}
+        since = {node_id: self._outside_since.get(node_id, now) for node_id in outside}
+        self._outside_since = since
+        return [address for node_id, address in sorted(outside.items())
+                if self._own_id < node_id or now - since[node_id] >= self._horizon]

@@ -14,7 +14,7 @@ from twisted.internet.task import LoopingCall
 
 from dtable import crypto
 from dtable.service import DistributedTable
-from dtable.testing import FAST, ProxyMesh, components, wait_for, wait_for_all
+from dtable.testing import FAST, ProxyMesh, components, free_ports, wait_for, wait_for_all
 
 
 def _reactor():
@@ -237,3 +237,46 @@ async def test_master_that_only_dials_out():
     finally:
         await stop_nodes(nodes)
         await mesh.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_master_that_started_last_is_joined_by_the_nodes_that_know_it():
+    """
+    Node one's only address is the master's, which does not listen yet; node
+    two dials node one, and one, giving up on the master, links back to two.
+    When the master starts, both probe it, but it knows neither: with the
+    smallest id it would be the one to merge the two fragments, so one of
+    the others has to link to it.
+    """
+    reactor = _reactor()
+    key = crypto.generate_network_key()
+    [port] = free_ports(1)
+    master = DistributedTable(port=port, key=key, master=True, reactor=reactor,
+                              interface="127.0.0.1", **FAST)
+
+    def above_master(**options) -> DistributedTable:
+        while True:
+            node = DistributedTable(port=0, key=key, reactor=reactor,
+                                    interface="127.0.0.1", **FAST, **options)
+            if node.node_id > master.node_id:
+                return node
+
+    one = above_master(peers=[f"127.0.0.1:{port}"])
+    two = None
+    try:
+        one.startService()
+        await one.when_started()
+        two = above_master(peers=[f"127.0.0.1:{one.listening_port}"])
+        two.startService()
+        await wait_for(one, lambda n: n.overlay()["primary"]
+                       == f"127.0.0.1:{two.listening_port}", timeout=60)
+        master.startService()
+        await master.when_started()
+        h = master.add_object({"started": "last"})
+        head = await master.flush()
+        nodes = [master, one, two]
+        await wait_for_all(nodes, lambda n: n.head == head, timeout=60)
+        assert all(h in n for n in nodes)
+        assert len(components(nodes)) == 1
+    finally:
+        await stop_nodes([n for n in (master, one, two) if n is not None])

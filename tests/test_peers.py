@@ -727,7 +727,8 @@ class LearnTests(SynchronousTestCase):
 class ComponentTrackerTests(SynchronousTestCase):
     """
     The component is this node and the nodes heard within C{horizon}
-    seconds; outsiders are reachable nodes beyond it with greater ids.
+    seconds; outsiders are reachable nodes beyond it with greater ids, and
+    with smaller ids once they have been outside for C{horizon} seconds.
     """
 
     def test_alone(self) -> None:
@@ -803,13 +804,49 @@ class ComponentTrackerTests(SynchronousTestCase):
 
     def test_one_side_of_a_pair(self) -> None:
         """
-        Of two nodes in different components, only the one with the smaller
-        id dials the other.
+        Of two nodes in different components, the one with the smaller id
+        dials the other at once.
         """
         low = ComponentTracker(ID_1, horizon=30.0)
         high = ComponentTracker(ID_4, horizon=30.0)
         self.assertEqual(low.outsiders({ID_4: D}, 0.0), [D])
         self.assertEqual(high.outsiders({ID_1: A}, 0.0), [])
+
+    def test_other_side_after_a_horizon(self) -> None:
+        """
+        The one with the greater id dials once the other has stayed outside
+        for a horizon: the smaller may not know its address, or may be
+        unable to reach it.
+        """
+        high = ComponentTracker(ID_4, horizon=30.0)
+        self.assertEqual(high.outsiders({ID_1: A, ID_3: C}, 10.0), [])
+        self.assertEqual(high.outsiders({ID_1: A, ID_3: C}, 39.5), [])
+        self.assertEqual(high.outsiders({ID_1: A, ID_2: B, ID_3: C}, 40.0), [A, C])
+        self.assertEqual(high.outsiders({ID_1: A, ID_2: B, ID_3: C}, 70.0), [A, B, C])
+
+    def test_outside_time_starts_again_when_heard(self) -> None:
+        """
+        A node heard from is inside; when its beacons stop, it has to stay
+        outside for a whole horizon again.
+        """
+        high = ComponentTracker(ID_4, horizon=30.0)
+        self.assertEqual(high.outsiders({ID_1: A}, 0.0), [])
+        high.heard(ID_1, 20.0)
+        self.assertEqual(high.outsiders({ID_1: A}, 35.0), [])
+        self.assertEqual(high.outsiders({ID_1: A}, 51.0), [])
+        self.assertEqual(high.outsiders({ID_1: A}, 80.0), [])
+        self.assertEqual(high.outsiders({ID_1: A}, 81.0), [A])
+
+    def test_outside_time_starts_again_when_unreachable(self) -> None:
+        """
+        A node that was not reachable at the last look has to stay outside
+        for a whole horizon from when it is reachable again.
+        """
+        high = ComponentTracker(ID_4, horizon=30.0)
+        self.assertEqual(high.outsiders({ID_1: A}, 0.0), [])
+        self.assertEqual(high.outsiders({}, 20.0), [])
+        self.assertEqual(high.outsiders({ID_1: A}, 30.0), [])
+        self.assertEqual(high.outsiders({ID_1: A}, 60.0), [A])
 
     def test_nothing_reachable(self) -> None:
         tracker = ComponentTracker(ID_1, horizon=30.0)
