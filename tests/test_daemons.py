@@ -35,14 +35,11 @@ POLL_INTERVAL = 0.1
 STOP_TIMEOUT = 10.0
 
 #: Short intervals, so that links, beacons and the master's start take
-#: fractions of a second.
+#: fractions of a second; links and peer selection are logged, so that the
+#: logs printed when the test fails say why a network did not form.
 FAST_OPTIONS = ["--ping-interval", "0.5", "--clean-interval", "0.5",
                 "--master-sync-timeout", "0.2", "--reconnect-initial-delay", "0.05",
-                "--reconnect-max-delay", "0.5"]
-
-
-
-
+                "--reconnect-max-delay", "0.5", "--debug", "2"]
 
 
 class Deadline:
@@ -133,6 +130,7 @@ class ThreeDaemonsTests(SynchronousTestCase):
         self.deadline = Deadline(TEST_TIMEOUT)
         self.env = {name: value for name, value in os.environ.items()
                     if not name.startswith("DTABLE_")}
+        self.last_statuses: list[dict[str, Any]] = []
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -177,7 +175,11 @@ class ThreeDaemonsTests(SynchronousTestCase):
             time.sleep(POLL_INTERVAL)
 
     def statuses(self) -> list[dict[str, Any]]:
-        return [client.status() for client in self.clients]
+        """
+        Every node's /status, kept to be printed if the test fails.
+        """
+        self.last_statuses = [client.status() for client in self.clients]
+        return self.last_statuses
 
     def all_at(self, rev: int) -> bool:
         return all(status["head"]["rev"] >= rev for status in self.statuses())
@@ -203,6 +205,9 @@ class ThreeDaemonsTests(SynchronousTestCase):
         except BaseException:
             for node in self.nodes:
                 print(node.logs())
+            for node, status in zip(self.nodes, self.last_statuses):
+                print(f"----- {node.name} last status -----\n"
+                      f"{json.dumps(status, indent=1, sort_keys=True)}")
             raise
         finally:
             codes = [node.stop() for node in self.nodes]
