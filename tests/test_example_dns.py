@@ -20,8 +20,9 @@ from typing import Any, Callable
 import pytest_twisted
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.names import client, dns
 from twisted.names.authority import BindAuthority
@@ -35,6 +36,7 @@ sys.path.append(str(DNS_EXAMPLES))
 
 from dns_records import Record, RecordError, parse_zone, record_from_object  # noqa: E402
 from worldcheck import Answer, Outcome, parse_answer, parse_server, verdict  # noqa: E402
+from zone import ZoneAuthority, ZoneServerFactory, listen_dns  # noqa: E402
 
 #: Seconds a child has to print an expected line (it takes about one).
 LINE_TIMEOUT = 15.0
@@ -193,6 +195,79 @@ class VerdictTests(SynchronousTestCase):
         self.assertEqual(parse_server("[::1]:5353"), ("::1", 5353))
         for bad in ("ns.example.test", "127.0.0.1:0", "[::1]x"):
             self.assertRaises(ValueError, parse_server, bad)
+
+
+class _FirstPick:
+    """
+    A reactor whose first UDP listen on port 0 gets C{port} instead, as if
+    the system had picked it; everything else is the real reactor's.
+    """
+
+    def __init__(self, reactor: Any, port: int) -> None:
+        self._reactor = reactor
+        self._port = port
+
+    def listenUDP(self, port: int, protocol: Any, **kwargs: Any) -> Any:
+        if port == 0 and self._port:
+            port, self._port = self._port, 0
+        return self._reactor.listenUDP(port, protocol, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+def _tcp_listener() -> socket.socket:
+    """
+    A TCP socket listening on a port of 127.0.0.1 the system picks.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+async def _stop(ports: list[Any]) -> None:
+    for port in ports:
+        await maybeDeferred(port.stopListening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_port_0_picks_again_when_tcp_has_the_number() -> None:
+    """
+    With --dns-port 0 the UDP port's number may be taken for TCP: another is
+    picked, and UDP and TCP end up on one number.
+    """
+    factory = ZoneServerFactory(ZoneAuthority("example.test", lambda: 0))
+    with _tcp_listener() as taken:
+        taken_port = taken.getsockname()[1]
+        ports = listen_dns(_FirstPick(_reactor(), taken_port), factory, 0, "127.0.0.1")
+        try:
+            [udp, tcp] = ports
+            assert udp.getHost().port == tcp.getHost().port != taken_port
+        finally:
+            await _stop(ports)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_port_taken_for_tcp() -> None:
+    """
+    A port given on the command line that is taken for TCP is an error, and
+    the UDP port on it is closed again.
+    """
+    factory = ZoneServerFactory(ZoneAuthority("example.test", lambda: 0))
+    with _tcp_listener() as taken:
+        taken_port = taken.getsockname()[1]
+        try:
+            listen_dns(_reactor(), factory, taken_port, "127.0.0.1")
+        except CannotListenError as e:
+            assert e.port == taken_port
+        else:
+            raise AssertionError("listened on a port taken for TCP")
+        # The UDP port closes on the reactor's next turn.
+        await deferLater(_reactor(), 0, lambda: None)
+        ports = [_reactor().listenUDP(taken_port, dns.DNSDatagramProtocol(factory),
+                                      interface="127.0.0.1")]
+        await _stop(ports)
 
 
 class Program(ProcessProtocol):

@@ -251,21 +251,33 @@ def read_zone(path: Path, zone: str) -> set[Record]:
     return parse_zone(text, zone, source=str(path))
 
 
+#: Ports the system picks for UDP (with --dns-port 0) before giving up on
+#: finding one that is free for TCP too.
+PICK_ATTEMPTS = 10
+
+
 def listen_dns(reactor: Any, factory: ZoneServerFactory, port: int,
                interface: str) -> list[Any]:
     """
-    Listen for DNS over UDP, then over TCP on the same port number.
+    Listen for DNS over UDP, then over TCP on the same port number. With
+    port 0 the system picks the UDP port, and its number may be in use for
+    TCP (by any connection's local end): then the UDP port is closed and
+    another picked, up to L{PICK_ATTEMPTS} times.
 
-    @raise CannotListenError: if either port is taken.
+    @raise CannotListenError: if either port is taken (for port 0, on the
+        last attempt).
     """
-    udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(controller=factory),
-                            interface=interface)
-    try:
-        tcp = reactor.listenTCP(udp.getHost().port, factory, interface=interface)
-    except CannotListenError:
-        udp.stopListening()
-        raise
-    return [udp, tcp]
+    attempts = PICK_ATTEMPTS if port == 0 else 1
+    while True:
+        udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(controller=factory),
+                                interface=interface)
+        try:
+            return [udp, reactor.listenTCP(udp.getHost().port, factory, interface=interface)]
+        except CannotListenError:
+            udp.stopListening()
+            attempts -= 1
+            if attempts == 0:
+                raise
 
 
 async def run(reactor: Any, args: argparse.Namespace, key: str,
