@@ -13,6 +13,7 @@ network of nodes on loopback in one reactor.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from typing import Any, Callable
@@ -55,18 +56,51 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+#: The lowest port L{free_ports} hands out.
+LOWEST_PORT = 20000
+
+
+def listening_port_range() -> tuple[int, int]:
+    """
+    The ports, C{(low, high)} with C{high} excluded, that tests may listen
+    on: from L{LOWEST_PORT} up to the range the system picks local ports of
+    outgoing connections from (Linux's ip_local_port_range, 32768 by
+    default), so that no connection made meanwhile can take one.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    return LOWEST_PORT, max(ephemeral, LOWEST_PORT + 1000)
+
+
 def free_ports(count: int, interface: str = "127.0.0.1") -> list[int]:
     """
     C{count} different ports on C{interface}, free at the time of the call
-    (all are bound at once, so none is handed out twice). Another process may
-    take one before a node listens on it; the node then fails to start, and
-    its log says why.
+    (all are bound at once, so none is handed out twice), from
+    L{listening_port_range}. Another process may take one before a node
+    listens on it; the node then fails to start, and its log says why.
     """
-    sockets = [socket.socket() for _ in range(count)]
+    low, high = listening_port_range()
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    rng = random.Random()
+    sockets: list[socket.socket] = []
     try:
-        for sock in sockets:
-            sock.bind((interface, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        for _ in range(100 * count):
+            if len(sockets) == count:
+                return [sock.getsockname()[1] for sock in sockets]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            # As Twisted's listening ports do, so a port in TIME_WAIT is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((interface, rng.randrange(low, high)))
+            except OSError:
+                sock.close()
+            else:
+                sockets.append(sock)
+        raise RuntimeError(f"found no {count} free ports in {low}-{high - 1} "
+                           f"on {interface}")
     finally:
         for sock in sockets:
             sock.close()

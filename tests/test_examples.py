@@ -21,6 +21,7 @@ from typing import Callable
 from twisted.trial.unittest import SynchronousTestCase
 
 from dtable.crypto import generate_network_key, parse_network_key
+from dtable.testing import listening_port_range
 from tests.test_cli import demo_rows
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -60,14 +61,16 @@ def _port_free(port: int) -> bool:
 
 def free_port_base(count: int = len(NODES)) -> int:
     """
-    A base port such that base .. base + count - 1 are free on 127.0.0.1.
+    A base port such that base .. base + count - 1 are free on 127.0.0.1,
+    from L{listening_port_range}.
     """
+    low, high = listening_port_range()
     rng = random.Random()
     for _ in range(100):
-        base = rng.randrange(20000, 60000 - count)
+        base = rng.randrange(low, high - count)
         if all(_port_free(base + offset) for offset in range(count)):
             return base
-    raise RuntimeError(f"found no {count} consecutive free ports in 20000-60000")
+    raise RuntimeError(f"found no {count} consecutive free ports in {low}-{high - 1}")
 
 
 class Child:

@@ -4,16 +4,20 @@ Nodes over real mutual TLS on loopback, in one reactor.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import CannotListenError
+from twisted.trial.unittest import SynchronousTestCase
 import pytest_twisted
 
 from dtable import crypto
 from dtable.canonical import InvalidObjectError, object_hash
 from dtable.protocol import SEND_PIECE
 from dtable.service import DistributedTable, NotMasterError
-from dtable.testing import FAST, LocalNetwork, Recorder, wait_for, wait_for_all
+from dtable.testing import (FAST, LocalNetwork, Recorder, free_ports, listening_port_range,
+                            wait_for, wait_for_all)
 
 # The seed's five-node example: 0 is the master and lists itself and node 3;
 # 1 -> 0, 2 -> 1, 3 -> 1, 4 -> 3.
@@ -456,3 +460,31 @@ async def test_flush_of_a_master_stopped_before_it_published():
     await master.stopService()
     with pytest.raises(CancelledError, match="stopped before it could publish"):
         await flushed
+
+
+class FreePortsTests(SynchronousTestCase):
+    """
+    Ports for nodes a test starts later: different, free, and below the
+    range the system takes local ports of outgoing connections from.
+    """
+
+    def test_below_the_ephemeral_range(self) -> None:
+        low, high = listening_port_range()
+        try:
+            with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+                ephemeral = int(f.read().split()[0])
+        except OSError:
+            ephemeral = 32768
+        self.assertEqual((low, high), (20000, max(ephemeral, 21000)))
+
+    def test_different_and_free(self) -> None:
+        low, high = listening_port_range()
+        for interface, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+            ports = free_ports(20, interface)
+            self.assertEqual(len(set(ports)), 20)
+            self.assertTrue(all(low <= port < high for port in ports), ports)
+            for port in ports:
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((interface, port))
+                    sock.listen()
