@@ -303,9 +303,9 @@ class SqliteStore:
     """
     An IStore in one SQLite file.
 
-    Objects are rows of a C{WITHOUT ROWID} table keyed by the hash's 32 raw
-    bytes, so the key is stored once and the bytes sit next to it; the head
-    is the one row of a second table. The layout's version is the file's
+    Objects are rows in the order they were written (the hash's 32 raw
+    bytes and the object's canonical bytes), found by a unique index on the
+    hash; the head is the one row of a second table. The layout's version is the file's
     C{PRAGMA user_version} (L{SCHEMA_VERSION}); a file from a newer version
     is refused rather than misread.
 
