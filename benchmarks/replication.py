@@ -81,7 +81,11 @@ reads worst_stall_ms just before the row and again right after it: if it
 grew, the new value is the worst stall of the row, exactly; if not, the
 row's worst stall was at most the value before (which covers the node's
 start and the network's forming), and the table marks it with "<=". A row's
-figure is the worst over the five nodes; the JSON has every node's.
+figure is the worst over the five nodes; the JSON has every node's. The
+probe also counts stalls over 50, 100, 250 and 1,000 ms
+(reactor.stalls_over_ms), so the count of a row's stalls over 100 ms, summed
+over the nodes, is exact: the worst of five nodes over a minute is one draw
+from hundreds of stalls, and the count moves less from run to run.
 
 CPU: to show where the time goes, rows 1, 2, 3 (the flood) and 4 also
 report the CPU seconds each node used meanwhile, read from the child's
@@ -879,20 +883,27 @@ class Bench:
         """
         The worst stall of each node between the two statuses (exact when
         the node's worst since start grew, otherwise an upper bound), and
-        of all of them.
+        of all of them; and how many stalls of each node, and of all, went
+        over each threshold the nodes count by (exact).
         """
         per_node = {}
         for name, status in after.items():
             was = before[name]["reactor"]["worst_stall_ms"]
             now = status["reactor"]["worst_stall_ms"]
             grew = now > was
+            counted = before[name]["reactor"]["stalls_over_ms"]
+            over = {threshold: count - counted[threshold]
+                    for threshold, count in status["reactor"]["stalls_over_ms"].items()}
             per_node[name] = {"ms": now if grew else was, "bound": not grew,
                               "before_ms": was, "after_ms": now,
-                              "recent_after_ms": status["reactor"]["recent_worst_stall_ms"]}
+                              "recent_after_ms": status["reactor"]["recent_worst_stall_ms"],
+                              "over_ms": over}
         worst = max(per_node, key=lambda name: (per_node[name]["ms"],
                                                 per_node[name]["bound"]))
+        totals = {threshold: sum(node["over_ms"][threshold] for node in per_node.values())
+                  for threshold in per_node[worst]["over_ms"]}
         return {"worst_ms": per_node[worst]["ms"], "bound": per_node[worst]["bound"],
-                "worst_node": worst, "nodes": per_node}
+                "worst_node": worst, "over_ms": totals, "nodes": per_node}
 
     # The rows -----------------------------------------------------------------------
 
@@ -1310,6 +1321,8 @@ def rows(args: argparse.Namespace) -> list[Row]:
                 (f"   cores busy (of {os.cpu_count()})", at("row2", "cpu", "cores_busy"),
                  "{:.2f}"),
                 ("5. worst stall in row 1 (ms)", _stall("objects", str(n), "stall"), "{:.1f}"),
+                ("   stalls over 100 ms in row 1, all nodes",
+                 at("stall", "over_ms", "100"), "{:,.0f}"),
                 ("   worst stall in row 2 (ms)", _stall("objects", str(n), "row2", "stall"),
                  "{:.1f}"),
                 ("6. RSS at 0 objects, master (MiB)",
@@ -1352,6 +1365,8 @@ def rows(args: argparse.Namespace) -> list[Row]:
             (f"   flood: cores busy (of {os.cpu_count()})",
              common.get("messages", "flood", "cpu", "cores_busy"), "{:.2f}"),
             ("   worst stall in row 3 (ms)", _stall("messages", "stall"), "{:.1f}"),
+            ("   stalls over 100 ms in row 3, all nodes",
+             common.get("messages", "stall", "over_ms", "100"), "{:,.0f}"),
         ]
     if "large" in args.rows:
         message, obj = _size(args.large_message), _size(args.large_object)
@@ -1363,6 +1378,8 @@ def rows(args: argparse.Namespace) -> list[Row]:
             (f"   {obj} object: API call (s)", common.get("large_object", "row", "api_s"), "{:.3f}"),
             ("   to all four (s)", common.get("large_object", "row", "all_s"), "{:.3f}"),
             ("   worst stall (ms)", _stall("large_object", "stall"), "{:.1f}"),
+            ("   stalls over 100 ms, all nodes",
+             common.get("large_object", "stall", "over_ms", "100"), "{:,.0f}"),
             ("   CPU, all nodes (s)", common.get("large_object", "row", "cpu", "nodes_s"), "{:.1f}"),
             ("   of it in the kernel (s)", common.get("large_object", "row", "cpu", "system_s"),
              "{:.1f}"),

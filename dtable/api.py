@@ -283,6 +283,12 @@ class NodeCollector:
         catch_ups.add_metric(["log"], counters["catch_ups_log"])
         catch_ups.add_metric(["merkle"], counters["catch_ups_merkle"])
         yield catch_ups
+        stalls = CounterMetricFamily(
+            "dtable_reactor_stalls", "Times the reactor ran late by more than a threshold.",
+            labels=["over_seconds"])
+        for over_ms, count in status["reactor"]["stalls_over_ms"].items():
+            stalls.add_metric([f"{float(over_ms) / 1000:g}"], count)
+        yield stalls
 
 
 # Event streams ----------------------------------------------------------------

@@ -25,10 +25,16 @@ class StallProbe:
     Measures how late the reactor runs: a timer every C{interval} seconds
     notes how much later than due it fired. A node that stalls (a long
     commit, a huge frame) shows it here before its peers call it dead.
+
+    Besides the worst, it counts the stalls over each of L{THRESHOLDS}: the
+    worst of a busy minute is one draw from many stalls, and how many went
+    over 100 ms says more about how the node answers than the longest.
     """
 
     #: Seconds over which the recent worst stall is kept.
     RECENT = 60.0
+    #: Stalls longer than these (seconds) are counted.
+    THRESHOLDS = (0.05, 0.1, 0.25, 1.0)
 
     def __init__(self, clock: Any, interval: float) -> None:
         self._clock = clock
@@ -37,6 +43,8 @@ class StallProbe:
         self._due = 0.0
         self.worst = 0.0
         self._recent: list[tuple[float, float]] = []
+        #: How many stalls were longer than each of THRESHOLDS, in order.
+        self.counts = [0] * len(self.THRESHOLDS)
 
     def start(self) -> None:
         self._due = self._clock.seconds() + self._interval
@@ -55,6 +63,10 @@ class StallProbe:
         self._due = now + self._interval
         if late > self.worst:
             self.worst = late
+        if late > self.THRESHOLDS[0]:
+            for i, threshold in enumerate(self.THRESHOLDS):
+                if late > threshold:
+                    self.counts[i] += 1
         # Keep a short list: the worst per second, for the last minute.
         second = now - now % 1.0
         if self._recent and self._recent[-1][0] == second:
@@ -65,15 +77,19 @@ class StallProbe:
             while self._recent and self._recent[0][0] < now - self.RECENT:
                 self._recent.pop(0)
 
-    def report(self) -> dict[str, float]:
+    def report(self) -> dict[str, Any]:
         """
-        The worst stall since the start and in the last minute, in ms.
+        The worst stall since the start and in the last minute, in ms, and
+        how many stalls since the start were longer than each threshold
+        (keyed by the threshold in ms, as text).
         """
         now = self._clock.seconds()
         recent = max((late for when, late in self._recent if when >= now - self.RECENT),
                      default=0.0)
         return {"worst_stall_ms": round(self.worst * 1000, 3),
                 "recent_worst_stall_ms": round(recent * 1000, 3),
+                "stalls_over_ms": {f"{threshold * 1000:g}": count
+                                   for threshold, count in zip(self.THRESHOLDS, self.counts)},
                 "probe_interval_ms": round(self._interval * 1000, 3)}
 
 

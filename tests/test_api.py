@@ -486,3 +486,8 @@ async def test_metrics(network):
     assert applied + caught_up >= 1
     assert ("dtable_firewall_blocks_total", ()) in samples
     assert ("dtable_messages_relayed_total", ()) in samples
+    # Stalls by threshold: a longer one is also over every shorter threshold.
+    stalls = {dict(labels)["over_seconds"]: value for (name, labels), value in samples.items()
+              if name == "dtable_reactor_stalls_total"}
+    assert list(stalls) == ["0.05", "0.1", "0.25", "1"]
+    assert sorted(stalls.values(), reverse=True) == list(stalls.values())

@@ -103,6 +103,35 @@ class AllocatorEnvironmentTests(SynchronousTestCase):
         self.assertEqual(replication().allocator_environment({"PATH": "/usr/bin"}), {})
 
 
+def _reactor_status(worst: float, recent: float, over: list[int]) -> dict:
+    return {"reactor": {"worst_stall_ms": worst, "recent_worst_stall_ms": recent,
+                        "stalls_over_ms": dict(zip(("50", "100", "250", "1000"), over))}}
+
+
+class StallsTests(SynchronousTestCase):
+    """
+    A row's stalls from the nodes' statuses before and after it: the worst
+    (exact if a node's worst since start grew, else a bound) and how many
+    went over each threshold, per node and in all.
+    """
+
+    def test_worst_and_counts(self) -> None:
+        before = {"master": _reactor_status(40.0, 40.0, [3, 1, 0, 0]),
+                  "n1": _reactor_status(300.0, 2.0, [9, 5, 1, 0])}
+        after = {"master": _reactor_status(120.0, 120.0, [10, 4, 0, 0]),
+                 "n1": _reactor_status(300.0, 90.0, [12, 5, 1, 0])}
+        stalls = replication().Bench.stalls(before, after)
+        self.assertEqual(stalls["nodes"]["master"]["over_ms"],
+                         {"50": 7, "100": 3, "250": 0, "1000": 0})
+        self.assertEqual(stalls["nodes"]["n1"]["over_ms"],
+                         {"50": 3, "100": 0, "250": 0, "1000": 0})
+        self.assertEqual(stalls["over_ms"], {"50": 10, "100": 3, "250": 0, "1000": 0})
+        # n1's worst since start did not grow: 300 ms is only a bound, and
+        # an exact 120 ms does not outrank it.
+        self.assertEqual((stalls["worst_ms"], stalls["bound"], stalls["worst_node"]),
+                         (300.0, True, "n1"))
+
+
 class StatusServer(http.server.BaseHTTPRequestHandler):
     """
     Answers GET /status like a node, with one more object each time, over

@@ -49,6 +49,24 @@ class StallProbeTests(SynchronousTestCase):
         probe.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_stalls_counted_by_threshold(self) -> None:
+        """
+        Each stall counts under every threshold it is longer than.
+        """
+        clock = Clock()
+        probe = StallProbe(clock, 0.01)
+        probe.start()
+        self.assertEqual(probe.report()["stalls_over_ms"],
+                         {"50": 0, "100": 0, "250": 0, "1000": 0})
+        for busy in (0.25, 0.07, 0.13, 0.04, 1.5, 0.3):
+            # The reactor was busy for `busy` seconds: the timer fires that
+            # much late, less its interval.
+            clock.advance(busy)
+            clock.advance(0.01)
+        self.assertEqual(probe.report()["stalls_over_ms"],
+                         {"50": 5, "100": 4, "250": 2, "1000": 1})
+        probe.stop()
+
 
 class MemoryReportTests(SynchronousTestCase):
     def setUp(self) -> None:
