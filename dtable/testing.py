@@ -89,7 +89,7 @@ def free_ports(count: int, interface: str = "127.0.0.1") -> list[int]:
     try:
         for _ in range(100 * count):
             if len(sockets) == count:
-                return [sock.getsockname()[1] for sock in sockets]
+                break
             sock = socket.socket(family, socket.SOCK_STREAM)
             # As Twisted's listening ports do, so a port in TIME_WAIT is free.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -99,8 +99,10 @@ def free_ports(count: int, interface: str = "127.0.0.1") -> list[int]:
                 sock.close()
             else:
                 sockets.append(sock)
-        raise RuntimeError(f"found no {count} free ports in {low}-{high - 1} "
-                           f"on {interface}")
+        if len(sockets) < count:
+            raise RuntimeError(f"found no {count} free ports in {low}-{high - 1} "
+                               f"on {interface}")
+        return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
