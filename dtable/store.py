@@ -305,9 +305,9 @@ class SqliteStore:
 
     Objects are rows in the order they were written (the hash's 32 raw
     bytes and the object's canonical bytes), found by a unique index on the
-    hash; the head is the one row of a second table. The layout's version is the file's
-    C{PRAGMA user_version} (L{SCHEMA_VERSION}); a file from a newer version
-    is refused rather than misread.
+    hash; the head is the one row of a second table. The layout's version
+    is the file's C{PRAGMA user_version} (L{SCHEMA_VERSION}); a file from a
+    newer version is refused rather than misread.
 
     Each L{commit} is one SQLite transaction (C{BEGIN IMMEDIATE} ...
     C{COMMIT}). The file is in write-ahead-log mode with C{synchronous=NORMAL}:
