@@ -251,15 +251,20 @@ async def test_master_that_started_last_is_joined_by_the_nodes_that_know_it():
     reactor = _reactor()
     key = crypto.generate_network_key()
     [port] = free_ports(1)
-    master = DistributedTable(port=port, key=key, master=True, reactor=reactor,
-                              interface="127.0.0.1", **FAST)
+
+    def node_whose_id(condition, **options) -> DistributedTable:
+        # Each try meets the condition with a chance of a half or more.
+        for _ in range(100):
+            node = DistributedTable(key=key, reactor=reactor, interface="127.0.0.1",
+                                    **FAST, **options)
+            if condition(node.node_id):
+                return node
+        raise AssertionError("no node id met the condition in 100 tries")
+
+    master = node_whose_id(lambda node_id: node_id < "8", port=port, master=True)
 
     def above_master(**options) -> DistributedTable:
-        while True:
-            node = DistributedTable(port=0, key=key, reactor=reactor,
-                                    interface="127.0.0.1", **FAST, **options)
-            if node.node_id > master.node_id:
-                return node
+        return node_whose_id(lambda node_id: node_id > master.node_id, port=0, **options)
 
     one = above_master(peers=[f"127.0.0.1:{port}"])
     two = None
