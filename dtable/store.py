@@ -646,9 +646,8 @@ class BackgroundSqliteStore:
     writing 100,000 objects in transactions of 2,000 took the writer 0.75 s
     of CPU, in transactions of 10,000 0.63 s; 1,000,000 objects in
     transactions of 5,000 took 13.8 s, of 50,000 10.0 s (in a file of 4 KiB
-    pages, before L{PAGE_SIZE}). For the same
-    reason SQLite's page cache grows with the store
-    (L{SqliteStore.size_cache}).
+    pages, before L{PAGE_SIZE}). For the same reason SQLite's page cache
+    grows with the store (L{SqliteStore.size_cache}).
     A crash loses at most what was gathered and not yet written, whole
     commits only. Reads that go to the file (L{count}, L{hashes},
     L{items}) and L{close} make the writer write what it has at once.
